@@ -1,0 +1,13 @@
+"""Model registry: `config.model.name` -> builder(model_cfg, rngs=...)."""
+
+from flax import nnx
+
+from mimjax.models import mae
+
+_BUILDERS = {"mae": mae.build_mae}
+
+
+def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+    if model_cfg.name not in _BUILDERS:
+        raise ValueError(f"Unknown model.name {model_cfg.name!r}; known: {sorted(_BUILDERS)}.")
+    return _BUILDERS[model_cfg.name](model_cfg, rngs=rngs)

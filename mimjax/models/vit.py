@@ -1,0 +1,305 @@
+"""Vision Transformer encoder (Flax NNX) and the transformer stack the decoders reuse.
+
+Conventions (chosen so checkpoints map 1:1 onto HF transformers / timm ViTs):
+- patches are flattened in (row, col, channel) order, as HF ViTMAE's `patchify`;
+  the patch embedding is a Linear on those vectors (== a stride-p convolution);
+- fixed position embeddings are MAE's 2-D sin-cos table; the class token has a zero
+  position embedding (a learned one would be redundant with the learned token);
+- pre-norm blocks, LayerNorm eps 1e-6, tanh-approximate GELU unless configured;
+- parameters f32, compute in `dtype` (bf16 on accelerators), softmax in f32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimjax import sharding
+
+# width, depth, mlp_dim, heads (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT).
+VARIANTS = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+    """'B/16' -> width/depth/mlp_dim/num_heads of ViT-B plus patch_size 16."""
+    match = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", variant)
+    if not match:
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: expected NAME/PATCH with NAME in "
+            f"{sorted(VARIANTS)} and an integer patch size, e.g. 'B/16'.")
+    return dict(VARIANTS[match.group(1)], patch_size=int(match.group(2)))
+
+
+def dtype_from_name(name: str):
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """One stack of pre-norm transformer blocks (used by the encoder and the decoders)."""
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    scan: bool = False
+    remat: bool = False
+    attention: str = "xla"  # "xla": explicit einsums, f32 softmax; "fused": jax.nn.dot_product_attention
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"Transformer width {self.width} is not divisible by num_heads "
+                f"{self.num_heads}; choose a head count that divides the width.")
+        if self.attention not in ("xla", "fused"):
+            raise ValueError(f"attention must be 'xla' or 'fused', got {self.attention!r}.")
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/p * W/p, p*p*C), patch vectors in (row, col, channel) order."""
+    b, h, w, c = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {p}.")
+    x = images.reshape(b, h // p, p, w // p, p, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
+    """Inverse of `patchify` for a square grid."""
+    b, n, _ = patches.shape
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise ValueError(f"unpatchify expects a square grid, got {n} patches.")
+    p = patch_size
+    x = patches.reshape(b, g, g, p, p, channels)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(b, g * p, g * p, channels)
+
+
+def sincos_posemb_2d(width: int, grid_size: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos table, (grid_size**2, width), float32.
+
+    Half the channels encode one grid coordinate, half the other, each as
+    [sin, cos] of the coordinate times 1 / 10000^(k / (width/4)); identical to
+    the table facebookresearch/mae and HF ViTMAE build, so exported models match.
+    """
+    if width % 4:
+        raise ValueError(f"sin-cos position embeddings need width divisible by 4, got {width}.")
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # grid_w varies along columns
+
+    def embed_1d(positions):
+        omega = np.arange(width // 4, dtype=np.float64) / (width / 4.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # MAE concatenates the column-coordinate half first.
+    table = np.concatenate([embed_1d(grid_w), embed_1d(grid_h)], axis=1)
+    return table.astype(np.float32)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dense = lambda: nnx.Linear(cfg.width, cfg.width, dtype=cfg.dtype,
+                                   kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        head_dim = cfg.width // cfg.num_heads
+        split = lambda t: t.reshape(b, n, cfg.num_heads, head_dim)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        if cfg.attention == "fused":
+            y = jax.nn.dot_product_attention(q, k, v)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
+            y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.out(y.reshape(b, n, cfg.width))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.xavier_uniform()
+        bias_init = nnx.initializers.normal(1e-6)
+        self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, dtype=cfg.dtype, kernel_init=init,
+                              bias_init=bias_init, rngs=rngs)
+        self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, dtype=cfg.dtype, kernel_init=init,
+                              bias_init=bias_init, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.cfg.gelu_approximate))
+
+
+def layer_norm(width: int, cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(cfg.width, cfg, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.norm2 = layer_norm(cfg.width, cfg, rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = sharding.constrain_batch(x)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nnx.Module):
+    """`depth` blocks, either unrolled (`blocks` is a list) or stacked on a leading
+    layer axis and run with `nnx.scan` (compiles once per stack, not once per layer)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        if cfg.scan:
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_stack(rngs):
+                return Block(cfg, rngs=rngs)
+            self.blocks = make_stack(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        apply = lambda block, h: block(h)
+        if self.cfg.remat:
+            apply = nnx.remat(apply)
+        if self.cfg.scan:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(h, block):
+                return apply(block, h)
+            return run(x, self.blocks)
+        for block in self.blocks:
+            x = apply(block, x)
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    transformer: TransformerConfig
+    patch_size: int
+    image_size: int
+    channels: int = 1
+    posemb: str = "sincos2d"  # or "learn"
+    class_token: bool = True
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}.")
+        if self.posemb not in ("sincos2d", "learn"):
+            raise ValueError(f"posemb must be 'sincos2d' or 'learn', got {self.posemb!r}.")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}.")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+def vit_config_from(model_cfg) -> ViTConfig:
+    """Builds a ViTConfig from a config section with `variant` ('B/16') and overrides."""
+    spec = parse_variant(model_cfg.variant)
+    get = lambda key, default: model_cfg.get(key, default) if hasattr(model_cfg, "get") else getattr(model_cfg, key, default)
+    transformer = TransformerConfig(
+        width=get("width", None) or spec["width"],
+        depth=get("depth", None) or spec["depth"],
+        num_heads=get("num_heads", None) or spec["num_heads"],
+        mlp_dim=get("mlp_dim", None) or spec["mlp_dim"],
+        dtype=dtype_from_name(get("dtype", "float32")),
+        layer_norm_eps=get("layer_norm_eps", 1e-6),
+        gelu_approximate=get("gelu_approximate", True),
+        scan=get("scan", False),
+        remat=get("remat", False),
+        attention=get("attention", "xla"),
+    )
+    return ViTConfig(transformer=transformer, patch_size=spec["patch_size"],
+                     image_size=model_cfg.image_size, channels=get("channels", 1),
+                     posemb=get("posemb", "sincos2d"), class_token=get("class_token", True))
+
+
+class ViTEncoder(nnx.Module):
+    """Patch embedding + position embedding (+ class token) + transformer + final norm.
+
+    `__call__(images)` encodes every patch; `encode_visible(images, keep_ids)` encodes
+    only the patches listed in `keep_ids` (B, K) — the MAE encoder path.
+    """
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        tcfg = cfg.transformer
+        patch_dim = cfg.patch_size**2 * cfg.channels
+        # Xavier on the flattened patch kernel, as MAE initialises its conv projection.
+        self.patch_embed = nnx.Linear(patch_dim, tcfg.width, dtype=tcfg.dtype,
+                                      kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        if cfg.posemb == "learn":
+            self.pos_embedding = nnx.Param(
+                nnx.initializers.normal(0.02)(rngs.params(), (1, cfg.num_patches, tcfg.width)))
+        if cfg.class_token:
+            self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, tcfg.width)))
+        self.transformer = Transformer(tcfg, rngs=rngs)
+        self.norm = layer_norm(tcfg.width, tcfg, rngs)
+
+    def position_embeddings(self) -> jax.Array:
+        if self.cfg.posemb == "learn":
+            return self.pos_embedding[...]
+        return jnp.asarray(sincos_posemb_2d(self.cfg.transformer.width, self.cfg.grid_size))[None]
+
+    def embed_patches(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, N, D) patch tokens with position embeddings added."""
+        cfg = self.cfg
+        if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+            raise ValueError(
+                f"ViT expects images of shape (B, {cfg.image_size}, {cfg.image_size}, "
+                f"{cfg.channels}), got {tuple(images.shape)}.")
+        tokens = self.patch_embed(patchify(images.astype(cfg.transformer.dtype), cfg.patch_size))
+        return tokens + self.position_embeddings().astype(tokens.dtype)
+
+    def encode_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Prepends the class token (if any), runs the transformer and the final norm."""
+        if self.cfg.class_token:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype),
+                                   (tokens.shape[0], 1, tokens.shape[-1]))
+            tokens = jnp.concatenate([cls, tokens], axis=1)
+        return self.norm(self.transformer(tokens))
+
+    def encode_visible(self, images: jax.Array, keep_ids: jax.Array) -> jax.Array:
+        tokens = self.embed_patches(images)
+        visible = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
+        return self.encode_tokens(visible)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.encode_tokens(self.embed_patches(images))

@@ -1,0 +1,137 @@
+"""Device mesh, parameter sharding rules and activation constraints.
+
+Mesh axes are `data` (pure data parallel), `fsdp` (data parallel with parameters
+and optimizer state sharded) and `tensor` (Megatron-style model parallel). The
+batch is split over `data` x `fsdp`.
+
+A parameter's sharding comes from regex rules over its path ("encoder/transformer/
+blocks/0/attn/query/kernel"): the first rule that matches gives a PartitionSpec for
+the trailing dimensions (leading dims, e.g. a scanned layer axis, stay unsharded).
+Axes that do not divide a dimension are dropped. FSDP is then applied generically:
+any large array not yet sharded over `fsdp` gets it on its largest divisible free
+dimension. Because optimizer-state paths end with the parameter path (".../mu/
+encoder/.../kernel"), the same rules shard the whole train state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Tensor parallelism for the transformer blocks (attention heads and MLP hidden units
+# split over `tensor`); FSDP placement preferred on the other matrix dimension.
+DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
+    (r".*attn/(query|key|value)/kernel$", ("fsdp", "tensor")),
+    (r".*attn/(query|key|value)/bias$", ("tensor",)),
+    (r".*attn/out/kernel$", ("tensor", "fsdp")),
+    (r".*mlp/fc1/kernel$", ("fsdp", "tensor")),
+    (r".*mlp/fc1/bias$", ("tensor",)),
+    (r".*mlp/fc2/kernel$", ("tensor", "fsdp")),
+    (r".*", ()),
+)
+
+# Arrays smaller than this stay replicated under FSDP: sharding them saves nothing
+# and costs a collective each.
+FSDP_MIN_SIZE = 2**12
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh from {'data': n, 'fsdp': n, 'tensor': n}; one axis may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"Mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible "
+                f"by the fixed axes' product {known}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+            f"{len(devices)} are available; set one axis to -1 to use all of them.")
+    device_grid = np.asarray(devices).reshape(sizes)
+    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def path_to_str(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,
+             rules: Sequence[tuple[str, tuple]] = DEFAULT_RULES) -> P:
+    """PartitionSpec for one array from the first matching rule, then FSDP."""
+    if not shape:
+        return P()
+    spec: list[Any] = [None] * len(shape)
+    for pattern, rule_spec in rules:
+        if re.match(pattern, path):
+            rule_spec = tuple(rule_spec)[-len(shape):] if rule_spec else ()
+            spec[len(shape) - len(rule_spec):] = list(rule_spec)
+            break
+    spec = [axis if axis is not None and shape[i] % mesh.shape[axis] == 0 else None
+            for i, axis in enumerate(spec)]
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1 and "fsdp" not in spec and math.prod(shape) >= FSDP_MIN_SIZE:
+        free = [i for i, axis in enumerate(spec) if axis is None and shape[i] % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = "fsdp"
+    # Axes of size 1 are no-ops; dropping them keeps specs readable and comparable.
+    spec = [axis if axis is not None and mesh.shape[axis] > 1 else None for axis in spec]
+    return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, tuple]] = DEFAULT_RULES):
+    """NamedShardings for every leaf of an (abstract) pytree, by path rules."""
+    def leaf_sharding(path, leaf):
+        return NamedSharding(mesh, spec_for(path_to_str(path), tuple(np.shape(leaf)), mesh, rules))
+    return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keeps activations split over the batch axes inside a jitted step run under
+    `jax.set_mesh(mesh)`; a no-op outside a mesh (eager tests, export)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def log_shardings(shardings, logger: logging.Logger = logging.getLogger(__name__)) -> None:
+    for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+        logger.debug("%s -> %s", path_to_str(path), s.spec)

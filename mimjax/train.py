@@ -1,0 +1,354 @@
+"""The one generic trainer: state, step, loop, figures, checkpoints.
+
+Read top to bottom: the train state; the model bound from parameters; the state
+built abstractly and created already sharded; the jitted step (gradient
+accumulation, non-finite guard, EMA); the loop (data, logging, figures,
+checkpoints, SIGTERM). Objectives are pure loss functions chosen by config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mimjax import checkpoint, metric_logging, optim, perf, sharding
+from mimjax.evaluators import reconstruction
+from mimjax.models import build_model
+from mimjax.objectives import build_loss_fn
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite steps."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array               # int32 scalar: number of steps taken
+    params: Any                   # pure dict of f32 arrays
+    opt_state: Any
+    rng: jax.Array                # uint32[2]; per-step keys are fold_in(rng, step)
+    ema_params: Any               # pure dict (EMA enabled) or {} (disabled)
+    nonfinite_total: jax.Array    # int32: steps whose update was skipped
+    nonfinite_streak: jax.Array   # int32: consecutive skipped steps up to now
+
+
+# --------------------------------------------------------------------------- model
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model's structure (graphdef) and abstract parameters; binds params to a Module."""
+    graphdef: Any
+    abstract_params: Any  # nnx.State of ShapeDtypeStructs
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ModelSpec":
+        abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError("mimjax models hold only nnx.Param state; found other "
+                             f"variables: {jax.tree.map(lambda x: x.shape, rest)}")
+        return cls(graphdef, abstract_params)
+
+    def init_params(self, model_cfg, rng) -> dict:
+        model = build_model(model_cfg, rngs=nnx.Rngs(params=rng))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def bind(self, params: dict) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self.abstract_params)  # fresh State to fill
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+
+# --------------------------------------------------------------------------- state
+def create_train_state(config, mesh, spec: ModelSpec, tx: optax.GradientTransformation):
+    """Builds the state abstractly, derives shardings from the rules, then creates it
+    already sharded (no host-side or single-device copy of the full state)."""
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init():
+        params = spec.init_params(config.model, init_key)
+        ema = jax.tree.map(jnp.copy, params) if config.get("ema_decay", 0.0) else {}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=train_key, ema_params=ema,
+                          nonfinite_total=jnp.zeros((), jnp.int32),
+                          nonfinite_streak=jnp.zeros((), jnp.int32))
+
+    abstract_state = jax.eval_shape(init)
+    shardings = sharding.tree_shardings(abstract_state, mesh, rules_from(config))
+    state = jax.jit(init, out_shardings=shardings)()
+    return state, abstract_state, shardings
+
+
+def rules_from(config):
+    rules = config.get("sharding_rules", None)
+    return tuple((r, tuple(s)) for r, s in rules) if rules else sharding.DEFAULT_RULES
+
+
+# --------------------------------------------------------------------------- step
+def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0):
+    """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable."""
+
+    def loss_of(params, batch, rng):
+        return loss_fn(spec.bind(params), batch, rng)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def compute_grads(params, batch, rng):
+        if grad_accum_steps == 1:
+            (loss, metrics), grads = grad_fn(params, batch, rng)
+            return loss, metrics, grads
+        k = grad_accum_steps
+        # Microbatch i takes rows i, i+k, ... so every device holds a slice of each.
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(grad_fn, params, first, rng))
+
+        def accumulate(carry, inputs):
+            index, microbatch = inputs
+            out = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        summed, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+        (loss, metrics), grads = jax.tree.map(lambda x: x / k, summed)
+        return loss, metrics, grads
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, metrics, grads = compute_grads(state.params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step leaves parameters and optimizer state untouched.
+        keep_if_finite = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        params = keep_if_finite(new_params, state.params)
+        ema = state.ema_params
+        if ema_decay:
+            ema = keep_if_finite(
+                jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params), ema)
+        nonfinite = jnp.logical_not(finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1, params=params,
+            opt_state=keep_if_finite(new_opt_state, state.opt_state), ema_params=ema,
+            nonfinite_total=state.nonfinite_total + nonfinite,
+            nonfinite_streak=(state.nonfinite_streak + 1) * nonfinite)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                       nonfinite_steps=new_state.nonfinite_total,
+                       nonfinite_streak=new_state.nonfinite_streak)
+        return new_state, metrics
+
+    return train_step
+
+
+# --------------------------------------------------------------------------- loop
+def resolve_steps(config, num_records: int | None) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from *_steps or, given the dataset size, *_epochs."""
+    def steps(name):
+        if config.get(f"{name}_steps", None):
+            return int(config.get(f"{name}_steps"))
+        epochs = config.get(f"{name}_epochs", None)
+        if epochs is None:
+            return 0
+        if not num_records:
+            raise ValueError(f"config.{name}_epochs needs the dataset size; set "
+                             f"config.{name}_steps instead.")
+        return int(math.ceil(epochs * num_records / config.global_batch_size))
+    total, warmup = steps("total"), steps("warmup")
+    if total <= 0:
+        raise ValueError("Set config.total_steps or config.total_epochs to a positive value.")
+    return total, warmup
+
+
+def validate_config(config, mesh) -> None:
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, k = config.global_batch_size, config.get("grad_accum_steps", 1)
+    if b % jax.process_count():
+        raise ValueError(f"global_batch_size {b} must be divisible by the process count "
+                         f"{jax.process_count()}.")
+    if k < 1 or b % k:
+        raise ValueError(f"global_batch_size {b} must be divisible by grad_accum_steps {k}.")
+    if (b // k) % batch_shards:
+        raise ValueError(
+            f"Each microbatch ({b} / grad_accum_steps {k} = {b // k}) must split evenly over "
+            f"the {batch_shards} batch shards (mesh data x fsdp); change the batch or the mesh.")
+
+
+class _StopRequest:
+    """Set by SIGTERM: the loop finishes the step in flight, saves, and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: finishing the current step, saving, exiting.")
+        self.requested = True
+
+
+def _numeric_arrays(batch: dict) -> dict[str, np.ndarray]:
+    return {k: v for k, v in batch.items()
+            if isinstance(v, np.ndarray) and v.dtype.kind in "fiub"}
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+    keys = history[-1].keys()
+    out = {}
+    for key in keys:
+        values = [float(h[key]) for h in history if key in h]
+        finite = [v for v in values if math.isfinite(v)]
+        out[key] = float(np.mean(finite)) if finite else values[-1]
+    return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains per `config`, resuming from `workdir` if it holds a checkpoint.
+    Returns the last logged metrics."""
+    from input_pipeline import pipeline  # grain import kept off the model/test paths
+
+    os.makedirs(workdir, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    validate_config(config, mesh)
+    scales = tuple(config.model.scales)
+    dataset = pipeline.make_pretrain_dataset(
+        config.data, scales=scales, global_batch_size=config.global_batch_size,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(dataset)
+    total_steps, warmup_steps = resolve_steps(config, pipeline.num_records(config.data))
+    schedule = optim.make_schedule(config.optimizer, global_batch_size=config.global_batch_size,
+                                   total_steps=total_steps, warmup_steps=warmup_steps)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    spec = ModelSpec.from_config(config.model)
+    state, abstract_state, shardings = create_train_state(config, mesh, spec, tx)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    log.info("Model: %.2fM parameters; mesh %s; %d steps (%d warmup)",
+             n_params / 1e6, dict(mesh.shape), total_steps, warmup_steps)
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.get("keep_checkpoints", 3),
+                                   save_every=config.checkpoint_every)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        state = ckpt.restore(start_step, checkpoint.abstract_with_shardings(abstract_state, shardings),
+                             data_iter)
+    start_step = int(start_step or 0)
+
+    train_step = make_train_step(
+        spec, tx, build_loss_fn(config.objectives), schedule,
+        grad_accum_steps=config.get("grad_accum_steps", 1), ema_decay=config.get("ema_decay", 0.0))
+    step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
+    writer = metric_logging.MetricWriter(workdir)
+    figures = reconstruction.FigureWriter(config, spec, workdir)
+    stop = _StopRequest()
+    max_streak = config.get("max_consecutive_nonfinite", 10)
+    last_metrics: dict[str, float] = {}
+
+    with jax.set_mesh(mesh):
+        step = start_step
+        if step >= total_steps:
+            log.info("Already trained to step %d of %d; nothing to do.", step, total_steps)
+        else:
+            batch = sharding.global_batch(_numeric_arrays(next(data_iter)), mesh)
+            compiled = step_fn.lower(state, batch).compile()
+            flops = perf.compiled_flops(compiled)
+            peak, peak_source = perf.peak_flops_per_device(
+                config.get("peak_tflops_per_device", None),
+                dtype=jnp.float32 if config.model.get("dtype", "float32") == "float32" else jnp.bfloat16)
+            log.info("Compiled step: %s GFLOP per device; peak %.1f TFLOP/s per device (%s)",
+                     f"{flops / 1e9:.1f}" if flops else "n/a", peak / 1e12, peak_source)
+
+        history: list[dict] = []
+        pending = None  # metrics of the step in flight, read one step late to keep dispatch async
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        while step < total_steps:
+            state, metrics = compiled(state, batch)
+            step += 1
+            window_steps += 1
+            if pending is not None:
+                history.append(jax.device_get(pending[1]))
+                _check_streak(history[-1], pending[0], max_streak, ckpt)
+            pending = (step, metrics)
+            stop_now = stop.requested or step == total_steps
+            if step % config.log_every == 0 or stop_now:
+                history.append(jax.device_get(pending[1]))
+                _check_streak(history[-1], step, max_streak, ckpt)
+                pending = None
+                elapsed = time.perf_counter() - window_start
+                last_metrics = _mean_metrics(history)
+                last_metrics.update(_speed_metrics(config, elapsed, window_steps, data_wait,
+                                                   flops, peak, mesh))
+                writer.write(step, last_metrics)
+                if is_chief:
+                    _log_progress(step, total_steps, last_metrics)
+                history, window_steps, data_wait = [], 0, 0.0
+                window_start = time.perf_counter()
+            if step % config.figure_every == 0 or step == total_steps:
+                figures.write(step, state.params)
+            # Save before fetching the next batch: the saved iterator position must be
+            # the first batch the resumed run has not trained on.
+            ckpt.save(step, state, data_iter, force=stop_now)
+            if stop.requested:
+                log.warning("Stopped by SIGTERM at step %d; checkpoint saved.", step)
+                break
+            if step < total_steps:
+                wait_start = time.perf_counter()
+                batch = sharding.global_batch(_numeric_arrays(next(data_iter)), mesh)
+                data_wait += time.perf_counter() - wait_start
+    ckpt.close()
+    writer.close()
+    return last_metrics
+
+
+def _check_streak(metrics, step, max_streak, ckpt):
+    streak = int(metrics["nonfinite_streak"])
+    if streak >= max_streak:
+        ckpt.wait()
+        good = ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"Loss or gradients were non-finite for {streak} consecutive steps, the last at "
+            f"step {step}; those updates were skipped and the run is stopped. The last good "
+            f"checkpoint is step {good} in {ckpt.directory} (left intact). Lower "
+            "optimizer.base_lr, enable optimizer.grad_clip_norm, or check the data for "
+            "non-finite values.")
+
+
+def _speed_metrics(config, elapsed, steps, data_wait, flops, peak, mesh) -> dict[str, float]:
+    step_time = elapsed / max(steps, 1)
+    out = {"step_time_s": step_time,
+           "img_per_s": config.global_batch_size / step_time,
+           "data_wait_frac": data_wait / max(elapsed, 1e-9)}
+    if flops:
+        per_device = flops / step_time
+        out["tflops_per_s"] = per_device * mesh.devices.size / 1e12
+        out["mfu"] = per_device / peak
+    return out
+
+
+def _log_progress(step, total, m):
+    losses = " ".join(f"{k}={m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
+    eta = (total - step) * m["step_time_s"]
+    speed = f"{m['img_per_s']:.1f} img/s"
+    if "mfu" in m:
+        speed += f" | {m['tflops_per_s']:.2f} TFLOP/s | MFU {100 * m['mfu']:.1f}%"
+    wait = f" | data wait {100 * m['data_wait_frac']:.0f}%" if m["data_wait_frac"] > 0.05 else ""
+    log.info("step %d/%d | loss %.4f %s | lr %.2e | %s%s | ETA %s", step, total, m["loss"],
+             losses, m["lr"], speed, wait, time.strftime("%H:%M:%S", time.gmtime(eta)))
