@@ -150,7 +150,9 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
             opt_state=keep_if_finite(new_opt_state, state.opt_state), ema_params=ema,
             nonfinite_total=state.nonfinite_total + nonfinite,
             nonfinite_streak=(state.nonfinite_streak + 1) * nonfinite)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+        # Skipped steps do not advance the optimizer's own count, hence its schedule.
+        applied_updates = state.step - state.nonfinite_total
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(applied_updates),
                        nonfinite_steps=new_state.nonfinite_total,
                        nonfinite_streak=new_state.nonfinite_streak)
         return new_state, metrics

@@ -1,0 +1,139 @@
+"""The train step: non-finite guard, gradient accumulation, EMA, optimizer recipe;
+checkpoint restore onto fewer devices."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_model_config
+from mimjax import checkpoint, optim, sharding, train
+from mimjax.objectives import build_loss_fn
+from test_sharding import _batch, _config
+
+
+def _setup(mesh_cfg=None, devices=None, **overrides):
+    config = _config(mesh_cfg or {"data": -1, "fsdp": 1, "tensor": 1}, **overrides)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    schedule = optim.make_schedule(config.optimizer, global_batch_size=16, total_steps=10,
+                                   warmup_steps=2)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    spec = train.ModelSpec.from_config(config.model)
+    state, abstract, shardings = train.create_train_state(config, mesh, spec, tx)
+    return config, mesh, spec, tx, schedule, state, abstract, shardings
+
+
+def _step_fn(config, spec, tx, schedule, shardings, **kwargs):
+    step = train.make_train_step(spec, tx, build_loss_fn(config.objectives), schedule, **kwargs)
+    return jax.jit(step, out_shardings=(shardings, None))
+
+
+def test_nonfinite_step_skips_update_and_counts():
+    config, mesh, spec, tx, schedule, state, _, shardings = _setup()
+    step = _step_fn(config, spec, tx, schedule, shardings)
+    bad = _batch()
+    bad["image_64"][0, 0, 0, 0] = np.nan
+    with jax.set_mesh(mesh):
+        before = jax.device_get(state.params)
+        state, metrics = step(state, sharding.global_batch(bad, mesh))
+        assert not np.isfinite(metrics["loss"])
+        assert int(metrics["nonfinite_steps"]) == 1 and int(metrics["nonfinite_streak"]) == 1
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+        state, metrics = step(state, sharding.global_batch(bad, mesh))
+        assert int(metrics["nonfinite_streak"]) == 2
+        for _ in range(2):  # the first applied update has lr 0 (warmup starts at 0)
+            state, metrics = step(state, sharding.global_batch(_batch(), mesh))
+    assert np.isfinite(metrics["loss"]) and metrics["lr"] > 0
+    assert int(metrics["nonfinite_steps"]) == 2 and int(metrics["nonfinite_streak"]) == 0
+    assert int(state.step) == 4
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
+    assert any(jax.tree.leaves(changed))
+
+
+def test_gradient_accumulation_matches_full_batch():
+    """Accumulating 4 microbatches (rows i::4, mask noise from fold_in(rng, i)) gives
+    the mean of the four microbatch gradients, applied in one update."""
+    config, mesh, spec, tx, schedule, state, _, shardings = _setup()
+    loss_fn = build_loss_fn(config.objectives)
+    grad_fn = jax.grad(lambda p, b, r: loss_fn(spec.bind(p), b, r)[0])
+    batch = _batch()
+    rng = jax.random.fold_in(state.rng, 0)
+    expected = None
+    for i in range(4):
+        micro = {k: v[i::4] for k, v in batch.items()}
+        g = grad_fn(jax.device_get(state.params), micro, jax.random.fold_in(rng, i))
+        expected = g if expected is None else jax.tree.map(jnp.add, expected, g)
+    expected = jax.tree.map(lambda x: x / 4, expected)
+
+    # Recover the accumulated gradient from the SGD update of a plain optimizer.
+    sgd = optax.sgd(1.0)
+    step = jax.jit(train.make_train_step(spec, sgd, loss_fn, schedule, grad_accum_steps=4))
+    plain = state.replace(opt_state=sgd.init(state.params))
+    with jax.set_mesh(mesh):
+        new, metrics = step(plain, sharding.global_batch(batch, mesh))
+    got = jax.tree.map(lambda a, b: a - b, jax.device_get(plain.params), jax.device_get(new.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, expected)
+
+
+def test_ema_tracks_params():
+    config, mesh, spec, tx, schedule, state, _, shardings = _setup(ema_decay=0.5)
+    step = _step_fn(config, spec, tx, schedule, shardings, ema_decay=0.5)
+    before = jax.device_get(state.params)
+    with jax.set_mesh(mesh):
+        state, _ = step(state, sharding.global_batch(_batch(), mesh))
+    after = jax.device_get(state.params)
+    expected = jax.tree.map(lambda b, a: 0.5 * b + 0.5 * a, before, after)
+    jax.tree.map(lambda e, g: np.testing.assert_allclose(g, e, rtol=1e-6), expected,
+                 jax.device_get(state.ema_params))
+
+
+def test_weight_decay_mask_and_lr_scaling():
+    params = {"encoder": {"cls_token": jnp.zeros((1, 1, 8)), "norm": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+                          "patch_embed": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},
+                          "pos_embedding": jnp.ones((1, 4, 8))},
+              "decoders": {0: {"mask_token": jnp.zeros((1, 1, 8))}}}
+    mask = optim.decay_mask(params)
+    assert mask["encoder"]["patch_embed"]["kernel"]
+    assert not any([mask["encoder"]["cls_token"], mask["encoder"]["norm"]["scale"],
+                    mask["encoder"]["norm"]["bias"], mask["encoder"]["patch_embed"]["bias"],
+                    mask["encoder"]["pos_embedding"], mask["decoders"][0]["mask_token"]])
+    cfg = _config({"data": 1})
+    assert optim.peak_learning_rate(cfg.optimizer, 4096) == pytest.approx(1e-3 * 16)
+    schedule = optim.make_schedule(cfg.optimizer, global_batch_size=256, total_steps=100,
+                                   warmup_steps=10)
+    assert schedule(0) == 0 and schedule(10) == pytest.approx(1e-3) and schedule(100) == pytest.approx(0)
+    with pytest.raises(ValueError, match="warmup"):
+        optim.make_schedule(cfg.optimizer, global_batch_size=256, total_steps=10, warmup_steps=10)
+
+
+def test_restore_onto_fewer_devices(tmp_path):
+    """Saved from an 8-device FSDP x tensor mesh, restored onto 4 devices and onto 1."""
+    config, mesh, spec, tx, schedule, state, abstract, shardings = _setup(
+        {"data": 2, "fsdp": 2, "tensor": 2})
+    step = _step_fn(config, spec, tx, schedule, shardings)
+    with jax.set_mesh(mesh):
+        state, _ = step(state, sharding.global_batch(_batch(), mesh))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), save_every=1)
+    ckpt.save(1, state)
+    ckpt.close()
+    expected = jax.device_get(state)
+    for mesh_cfg, devices in [({"data": 1, "fsdp": 4, "tensor": 1}, jax.devices()[:4]),
+                              ({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])]:
+        _, new_mesh, _, _, _, _, new_abstract, new_shardings = _setup(mesh_cfg, devices)
+        reader = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+        assert reader.latest_step() == 1
+        restored = reader.restore(1, checkpoint.abstract_with_shardings(new_abstract, new_shardings))
+        reader.close()
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+        leaf = restored.params["encoder"]["patch_embed"]["kernel"]
+        assert leaf.sharding.mesh.devices.size == len(devices)
+
+
+def test_trainer_import_pulls_no_tensorflow():
+    code = ("import sys, main, mimjax.train, input_pipeline.pipeline; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
