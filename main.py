@@ -24,7 +24,11 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from mimjax import train  # after flags: keeps `--help` fast
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.NonFiniteLossError as error:
+        logging.error("%s", error)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # required: grain workers start with spawn

@@ -26,7 +26,12 @@ import cv2
 import numpy as np
 
 MARGIN_TYPES = ("circumscribed", "obscured", "ill_defined", "microlobulated", "spiculated")
-PATHOLOGY_CLASSES = ("benign_mass", "malignant_mass", "benign_calcification", "malignant_calcification")
+PATHOLOGY_CLASSES = (
+    "benign_mass",
+    "malignant_mass",
+    "benign_calcification",
+    "malignant_calcification",
+)
 BITS_STORED = 12
 MAX_VALUE = (1 << BITS_STORED) - 1
 
@@ -330,7 +335,9 @@ def _silhouette(case: Case) -> _Anatomy:
         inside = inside | tail
         # Round off the kink where the tail joins the ellipse (blurred at 1/4
         # resolution: a wide blur at full size would cost several ms).
-        small = cv2.resize(inside.astype(np.float32), (case.size // 4,) * 2, interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            inside.astype(np.float32), (case.size // 4,) * 2, interpolation=cv2.INTER_AREA
+        )
         small = _blur(small, 0.05 * case.size / 4)
         smooth = cv2.resize(small, (case.size, case.size), interpolation=cv2.INTER_LINEAR)
         binary = (smooth > 0.5).astype(np.float32)
@@ -341,7 +348,9 @@ def _silhouette(case: Case) -> _Anatomy:
     skin_dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[:, 1:]
     mask = _blur(binary, 0.6)
     nx, ny = _unrotate(case.depth, 0.0, case.tilt)
-    return _Anatomy(mask, skin_dist, u.astype(np.float32), v.astype(np.float32), (ny + case.center_row, nx))
+    return _Anatomy(
+        mask, skin_dist, u.astype(np.float32), v.astype(np.float32), (ny + case.center_row, nx)
+    )
 
 
 def _gland_prior(case: Case, anat: _Anatomy) -> np.ndarray:
@@ -425,7 +434,18 @@ def _ducts_and_ligaments(rng, case: Case, anat: _Anatomy, prior: np.ndarray) -> 
         center = (round(x * 16), round((y + case.center_row) * 16))
         axes = (int(rng.uniform(8, 22) * scale * 16), int(rng.uniform(4, 10) * scale * 16))
         outward = math.degrees(math.atan2(v * case.half_height, u * case.depth))
-        cv2.ellipse(arcs, center, axes, outward, -70, 70, int(rng.integers(80, 200)), 1, cv2.LINE_AA, shift=4)
+        cv2.ellipse(
+            arcs,
+            center,
+            axes,
+            outward,
+            -70,
+            70,
+            int(rng.integers(80, 200)),
+            1,
+            cv2.LINE_AA,
+            shift=4,
+        )
     ligaments = arcs.astype(np.float32) * (0.05 / 255.0)
     return _blur(ducts + ligaments, 0.5 * scale)
 
@@ -456,7 +476,9 @@ def _muscle_fibres(rng, case: Case) -> np.ndarray:
     rendering a large texture and rotating it.
     """
     size = case.size
-    along = np.array([-case.pect_width, case.pect_height]) / math.hypot(case.pect_width, case.pect_height)
+    along = np.array([-case.pect_width, case.pect_height]) / math.hypot(
+        case.pect_width, case.pect_height
+    )
     across = np.array([along[1], -along[0]])
     grid = rng.standard_normal((6, 64)).astype(np.float32)  # rows: along, cols: across
     span = 1.5 * size
@@ -501,7 +523,9 @@ def _mass_boundary(rng, r0, margins, scale):
         irregular = 0.12
     elif margins["obscured"] or margins["microlobulated"]:
         irregular = 0.06
-    harmonics = [(k, rng.normal(0.0, irregular / k), rng.uniform(0, 2 * math.pi)) for k in range(2, 6)]
+    harmonics = [
+        (k, rng.normal(0.0, irregular / k), rng.uniform(0, 2 * math.pi)) for k in range(2, 6)
+    ]
     lobes = 0
     if margins["microlobulated"]:
         # Small scallops: convex lobules a few px wide with inward cusps; the
@@ -654,7 +678,9 @@ def _calcification_specks(rng, case: Case):
 def _branching_paths(rng, radius, count):
     """Points along a main line through the centre plus 1-2 side branches."""
     angle = rng.uniform(0, 2 * math.pi)
-    segments = [(np.array([-math.sin(angle), -math.cos(angle)]) * radius, angle)]  # (start (row,col), angle)
+    segments = [
+        (np.array([-math.sin(angle), -math.cos(angle)]) * radius, angle)
+    ]  # (start (row,col), angle)
     for _ in range(int(rng.integers(1, 3))):
         t = rng.uniform(0.3, 1.6)
         start = segments[0][0] + t * radius * np.array([math.sin(angle), math.cos(angle)])

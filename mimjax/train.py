@@ -235,7 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         config.data, scales=scales, global_batch_size=config.global_batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = iter(dataset)
-    total_steps, warmup_steps = resolve_steps(config, pipeline.num_records(config.data))
+    total_steps, warmup_steps = resolve_steps(config, len(pipeline.make_source(config.data)))
     schedule = optim.make_schedule(config.optimizer, global_batch_size=config.global_batch_size,
                                    total_steps=total_steps, warmup_steps=warmup_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
@@ -280,19 +280,25 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
         history: list[dict] = []
         pending = None  # metrics of the step in flight, read one step late to keep dispatch async
+
+        def record(step_number, device_metrics):
+            history.append(jax.device_get(device_metrics))
+            if int(history[-1]["nonfinite_streak"]) >= max_streak:
+                writer.write(step_number, history[-1])
+                writer.close()
+                _raise_nonfinite(history[-1], step_number, ckpt)
+
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         while step < total_steps:
             state, metrics = compiled(state, batch)
             step += 1
             window_steps += 1
             if pending is not None:
-                history.append(jax.device_get(pending[1]))
-                _check_streak(history[-1], pending[0], max_streak, ckpt)
+                record(*pending)
             pending = (step, metrics)
             stop_now = stop.requested or step == total_steps
             if step % config.log_every == 0 or stop_now:
-                history.append(jax.device_get(pending[1]))
-                _check_streak(history[-1], step, max_streak, ckpt)
+                record(*pending)
                 pending = None
                 elapsed = time.perf_counter() - window_start
                 last_metrics = _mean_metrics(history)
@@ -317,20 +323,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 data_wait += time.perf_counter() - wait_start
     ckpt.close()
     writer.close()
+    if hasattr(data_iter, "close"):
+        data_iter.close()  # stops prefetch workers and frees their shared memory
     return last_metrics
 
 
-def _check_streak(metrics, step, max_streak, ckpt):
+def _raise_nonfinite(metrics, step, ckpt):
     streak = int(metrics["nonfinite_streak"])
-    if streak >= max_streak:
-        ckpt.wait()
-        good = ckpt.latest_step()
-        raise NonFiniteLossError(
-            f"Loss or gradients were non-finite for {streak} consecutive steps, the last at "
-            f"step {step}; those updates were skipped and the run is stopped. The last good "
-            f"checkpoint is step {good} in {ckpt.directory} (left intact). Lower "
-            "optimizer.base_lr, enable optimizer.grad_clip_norm, or check the data for "
-            "non-finite values.")
+    ckpt.wait()
+    good = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"Loss or gradients were non-finite for {streak} consecutive steps, the last at "
+        f"step {step}; those updates were skipped and the run is stopped. The last good "
+        f"checkpoint is step {good} in {ckpt.directory} (left intact). Lower "
+        "optimizer.base_lr, enable optimizer.grad_clip_norm, or check the data for "
+        "non-finite values.")
 
 
 def _speed_metrics(config, elapsed, steps, data_wait, flops, peak, mesh) -> dict[str, float]:

@@ -75,7 +75,9 @@ def test_identical_across_processes():
         "i, l = P.render_phantom(5, 11, 128); "
         "print(hashlib.sha256(i.tobytes()).hexdigest()); print(json.dumps(l, sort_keys=True))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     digest, label_json = out.stdout.strip().splitlines()
     assert digest == hashlib.sha256(img.tobytes()).hexdigest()
     assert label_json == json.dumps(labels, sort_keys=True)
@@ -122,7 +124,9 @@ def test_pectoral_muscle_only_on_mlo():
             img, labels = P.render_phantom(index, SEED, 256)
             corner = img[:8, :8] if labels["laterality"] == "L" else img[:8, -8:]
             if expect_bright:
-                assert corner.mean() > 1900, "MLO: dense pectoral muscle fills the upper chest-wall corner"
+                assert corner.mean() > 1900, (
+                    "MLO: dense pectoral muscle fills the upper chest-wall corner"
+                )
             else:
                 assert corner.mean() < 100, "CC: upper chest-wall corner is air"
 
@@ -286,7 +290,9 @@ def test_microlobulated_outline_undulates():
 
     def high_harmonic_energy(margin):
         rng = np.random.default_rng(0)
-        radius = P._mass_boundary(rng, 15.0, dict(zip(P.MARGIN_TYPES, _one_hot(margin), strict=True)), 1.0)(theta)
+        radius = P._mass_boundary(
+            rng, 15.0, dict(zip(P.MARGIN_TYPES, _one_hot(margin), strict=True)), 1.0
+        )(theta)
         spectrum = np.abs(np.fft.rfft(radius / radius.mean())) ** 2
         return spectrum[8:40].sum()
 
@@ -319,4 +325,6 @@ def test_same_anatomy_across_resolutions():
     tissue = down > 300  # compare texture, not just the silhouette
     assert np.corrcoef(down[tissue], small[tissue].astype(np.float32))[0, 1] > 0.95
     assert big_labels["pathology"] == small_labels["pathology"]
-    assert np.allclose(np.array(big_labels["lesion_center"]) / 2, small_labels["lesion_center"], atol=1.5)
+    assert np.allclose(
+        np.array(big_labels["lesion_center"]) / 2, small_labels["lesion_center"], atol=1.5
+    )

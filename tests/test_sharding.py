@@ -1,7 +1,6 @@
 """Sharded runs equal the 1-device run; FSDP divides parameter + optimizer memory."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

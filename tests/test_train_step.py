@@ -10,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_model_config
 from mimjax import checkpoint, optim, sharding, train
 from mimjax.objectives import build_loss_fn
 from test_sharding import _batch, _config

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mimjax.models import mae, vit
-from mimjax.objectives.masked_reconstruction import patch_targets
 
 
 def reconstruct(model: mae.MaskedAutoencoder, images: dict, noise, mask_ratio: float,

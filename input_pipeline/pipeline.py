@@ -1,0 +1,347 @@
+"""Pretraining and figure input pipelines built on grain's Dataset API.
+
+make_pretrain_dataset graph (per process):
+
+  MapDataset.source(records)            decoded {"image", "meta", "index"}
+    .shuffle(s0)                        global permutation of the records
+    .repeat()                           infinite; epoch e reshuffled with s0 + e
+    .random_map(augment, seed=s1)       rng seeded by GLOBAL stream position
+  -- ResumableBatches, from global stream position n (0, or a checkpoint) --
+    [n + process_index :: process_count]  this host's share of every batch
+    .batch(global // process_count)     dict of stacked arrays
+    .to_iter_dataset(ReadOptions)       background threads, bounded buffer
+    .mp_prefetch(num_workers)           spawned worker processes (if > 0)
+
+Shuffle before repeat, as grain's docs recommend: ShuffleMapDataset folds the
+epoch number into its seed for indices past one epoch, so every epoch is a
+fresh permutation and epochs never mix. (Shuffling after an infinite repeat
+would have to permute an unbounded index range across epoch boundaries.)
+
+The augmentation is applied before the per-process slice, so its rng depends
+on the global stream position: a record is augmented identically whatever the
+process count, and hosts never share augmentation draws (after the slice every
+host's k-th element would get the same rng).
+
+Global batch g is stream positions [g*B, (g+1)*B); process p gets positions
+p, p+P, ... of it, so per-process batches are disjoint and together cover
+every record once per epoch (when B divides the record count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from input_pipeline import records, sources, transforms
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Data settings every pretraining config starts from (phantom, 448 px)."""
+    c = ml_collections.ConfigDict()
+    c.source = "phantom"  # "phantom" | "arrayrecord"
+    # phantom: directory the shards are generated in (once);
+    # arrayrecord: a directory of *.array_record shards or a glob.
+    c.dir = "data"
+    c.phantom_num_images = 2048
+    c.phantom_size = 448
+    c.phantom_seed = 0
+    c.crop_scale = (0.2, 1.0)  # area fraction of the random resized crop
+    c.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio range, sampled log-uniformly
+    c.hflip = True
+    # Applied after scaling pixels to [0, 1] (see transforms.intensity_max).
+    # Phantom values, from measure_intensity_stats over 256 images (448 px,
+    # seed 0): 0.193 / 0.219. Measure them again for a real dataset.
+    c.norm_mean = 0.19
+    c.norm_std = 0.22
+    c.channels = 1  # 1, or 3 to replicate gray for RGB-pretrained encoders
+    c.label_keys = ()  # meta keys to carry as batch["label_{key}"]
+    c.num_workers = 2  # prefetch processes; 0 = everything in this process
+    c.num_threads = 2  # batch-building threads per process
+    c.prefetch_buffer_size = 2  # batches buffered per process
+    return c
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    # ConfigDict, FrozenConfigDict, dataclasses, SimpleNamespace alike.
+    return getattr(cfg, key, default)
+
+
+def make_source(data_cfg: Any) -> sources.ArrayRecordImageSource:
+    """The record source named by `data_cfg` (generating the phantom if needed)."""
+    kind = _get(data_cfg, "source")
+    if kind == "phantom":
+        paths = sources.ensure_phantom_dataset(
+            data_cfg.dir,
+            num_images=int(data_cfg.phantom_num_images),
+            seed=int(data_cfg.phantom_seed),
+            size=int(data_cfg.phantom_size),
+        )
+    elif kind == "arrayrecord":
+        paths = records.list_shards(data_cfg.dir)
+    else:
+        raise ValueError(f"data source must be 'phantom' or 'arrayrecord', got {kind!r}")
+    return sources.ArrayRecordImageSource(paths)
+
+
+def _check_scales_fit(
+    data_cfg: Any, src: sources.ArrayRecordImageSource, scales: tuple[int, ...]
+) -> None:
+    if _get(data_cfg, "source") == "phantom":
+        side, what = int(data_cfg.phantom_size), "phantom_size"
+    else:
+        # Records may differ in size; the first one is a cheap sanity check.
+        side, what = min(src[0]["image"].shape), "the first record's short side"
+    if scales[-1] > side:
+        raise ValueError(
+            f"largest scale {scales[-1]} exceeds {what} ({side}): targets must "
+            "come from real pixels, not upsampling"
+        )
+
+
+def _transform_kwargs(data_cfg: Any) -> dict:
+    return dict(
+        mean=float(data_cfg.norm_mean),
+        std=float(data_cfg.norm_std),
+        channels=int(_get(data_cfg, "channels", 1)),
+        label_keys=tuple(_get(data_cfg, "label_keys", ()) or ()),
+    )
+
+
+def make_pretrain_dataset(
+    data_cfg: Any,
+    *,
+    scales: Sequence[int],
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Infinite, shuffled, augmented batches for this process.
+
+    Each element: {"image_{s}": float32 [B, s, s, C] per scale s, "index": int32
+    [B] (record index in the source), "label_{k}": [B, ...] per label key}, with
+    B = global_batch_size // process_count. Its iterator supports
+    get_state/set_state (orbax: grain.checkpoint.CheckpointSave/Restore).
+    """
+    scales = transforms.check_scales(scales)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    num_workers = int(_get(data_cfg, "num_workers", 0))
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+    src = make_source(data_cfg)
+    _check_scales_fit(data_cfg, src, scales)
+    if len(src) < global_batch_size:
+        raise ValueError(f"{len(src)} records cannot fill a global batch of {global_batch_size}")
+    augment = transforms.MultiScaleRandomCrop(
+        scales,
+        crop_scale=tuple(data_cfg.crop_scale),
+        crop_ratio=tuple(data_cfg.crop_ratio),
+        hflip=bool(data_cfg.hflip),
+        **_transform_kwargs(data_cfg),
+    )
+    # Independent streams for the permutation and the augmentation.
+    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+
+    records_ds = (
+        grain.MapDataset.source(src)
+        .shuffle(seed=shuffle_seed)
+        .repeat()
+        .random_map(augment, seed=augment_seed)
+    )
+    buffer = int(_get(data_cfg, "prefetch_buffer_size", 2))
+    # ReadOptions defaults (16 threads, 500 elements) are sized for small
+    # records; our elements are whole batches, so bound the buffer explicitly.
+    read_options = grain.ReadOptions(
+        num_threads=int(_get(data_cfg, "num_threads", 2)), prefetch_buffer_size=buffer
+    )
+    mp_options = None
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        mp_options = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=buffer
+        )
+    return ResumableBatches(
+        records_ds,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        read_options=read_options,
+        multiprocessing_options=mp_options,
+    )
+
+
+def num_records(data_cfg: Any) -> int:
+    """Records in one epoch of the configured source (for epoch-based schedules)."""
+    return len(make_source(data_cfg))
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    # Each prefetch process is one unit of parallelism; OpenCV's own thread pool
+    # in every worker would only oversubscribe the cores.
+    del worker_index, worker_count
+    import cv2  # pylint: disable=g-import-not-at-top
+
+    cv2.setNumThreads(1)
+
+
+class ResumableBatches(grain.IterDataset):
+    """Per-process batches of an infinite record stream, resumable anywhere.
+
+    The iterator state is one number, the count of global-stream records all
+    processes have consumed together ({"global_position": n}). It is the same
+    on every host and means the same thing whatever the number of prefetch
+    workers, processes, or even the batch size, so a checkpoint restores
+    exactly after any of those change. (grain's own state for an mp_prefetch
+    pipeline records per-worker positions and cannot be restored into a
+    different worker count.) On restore the grain graph below is rebuilt to
+    start at n:
+
+      records[n + process_index :: process_count]
+        .batch(global_batch_size // process_count, drop_remainder=True)
+        .to_iter_dataset(read_options)
+        .mp_prefetch(multiprocessing_options)     # if given
+    """
+
+    def __init__(
+        self,
+        records_ds: grain.MapDataset,
+        *,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        read_options: grain.ReadOptions,
+        multiprocessing_options: grain.MultiprocessingOptions | None,
+    ):
+        super().__init__()  # no parents: the graph is built per iterator, per start
+        self.records_ds = records_ds
+        self.global_batch_size = global_batch_size
+        self.process_index = process_index
+        self.process_count = process_count
+        self.read_options = read_options
+        self.multiprocessing_options = multiprocessing_options
+
+    def build(self, start: int) -> grain.IterDataset:
+        """This process's batches of the global stream from record `start` on."""
+        ds = self.records_ds[start + self.process_index :: self.process_count]
+        ds = ds.batch(self.global_batch_size // self.process_count, drop_remainder=True)
+        ds = ds.to_iter_dataset(self.read_options)
+        if self.multiprocessing_options is not None:
+            ds = ds.mp_prefetch(self.multiprocessing_options, worker_init_fn=_init_worker)
+        return ds
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _ResumableBatchIterator(self)
+
+    def __str__(self) -> str:
+        return (
+            f"ResumableBatches(global_batch_size={self.global_batch_size}, "
+            f"process={self.process_index}/{self.process_count})"
+        )
+
+
+class _ResumableBatchIterator(grain.DatasetIterator):
+    """Iterator of ResumableBatches; see there for the state format."""
+
+    def __init__(self, ds: ResumableBatches):
+        super().__init__()
+        self._ds = ds
+        self._position = 0
+        self._inner: grain.DatasetIterator | None = None
+
+    def _iterator(self) -> grain.DatasetIterator:
+        if self._inner is None:
+            self._inner = iter(self._ds.build(self._position))
+        return self._inner
+
+    def __next__(self):
+        self._assert_not_closed()
+        batch = next(self._iterator())
+        self._position += self._ds.global_batch_size
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"global_position": self._position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        position = int(state["global_position"])
+        if position < 0:
+            raise ValueError(f"global_position must be >= 0, got {position}")
+        if position != self._position:
+            self._close_inner()  # rebuilt from `position` on the next call
+            self._position = position
+
+    def start_prefetch(self) -> None:
+        # Start workers now (e.g. while the model restores), not at first next().
+        self._iterator().start_prefetch()
+
+    def _close_inner(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
+
+    def close(self) -> None:
+        self._close_inner()
+        super().close()
+
+    def __str__(self) -> str:
+        return f"_ResumableBatchIterator(global_position={self._position})"
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # grain's worker start-up reads absl flags (--grain_*); outside an absl app
+    # (pytest, notebooks, plain scripts) they are unparsed and reading raises.
+    # Defaults are what such callers want; app.run() still parses argv later.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_fixed_batch(
+    data_cfg: Any, *, scales: Sequence[int], num_images: int, seed: int
+) -> dict[str, np.ndarray]:
+    """The first `num_images` records (source order), full image resized to each
+    scale, no augmentation: the same images in every run, for figures.
+
+    `seed` is accepted for API symmetry with make_pretrain_dataset; the batch is
+    deterministic and does not depend on it.
+    """
+    del seed
+    scales = transforms.check_scales(scales)
+    src = make_source(data_cfg)
+    _check_scales_fit(data_cfg, src, scales)
+    if not 1 <= num_images <= len(src):
+        raise ValueError(f"num_images must be in [1, {len(src)}], got {num_images}")
+    resize = transforms.MultiScaleResize(scales, **_transform_kwargs(data_cfg))
+    elements = [resize.map(src[i]) for i in range(num_images)]
+    return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+
+
+def measure_intensity_stats(data_cfg: Any, num_images: int = 64) -> tuple[float, float]:
+    """Mean and std of [0, 1]-scaled pixels over the first records: the values
+    to put in norm_mean / norm_std for a new dataset."""
+    src = make_source(data_cfg)
+    total = total_sq = count = 0.0
+    for i in range(min(num_images, len(src))):
+        e = src[i]
+        x = e["image"].astype(np.float64) / transforms.intensity_max(e["image"], e["meta"])
+        total += x.sum()
+        total_sq += np.square(x).sum()
+        count += x.size
+    mean = total / count
+    return float(mean), float(np.sqrt(max(total_sq / count - mean**2, 0.0)))

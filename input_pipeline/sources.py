@@ -1,0 +1,135 @@
+"""Random-access data sources of decoded records, and the phantom dataset cache."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Sequence
+
+from input_pipeline import records
+
+_MARKER = "_COMPLETE.json"
+
+
+class ArrayRecordImageSource:
+    """ArrayRecord shards -> {"image": HxW uint array, "meta": dict, "index": int}.
+
+    Decoding happens here (not in a map step) so that every consumer, the
+    training pipeline and the fixed figure batch alike, sees the same decoded
+    element. `index` is the record's position in this source (sorted shards
+    concatenated), handy for debugging and for checking sharding. Picklable:
+    grain's ArrayRecordDataSource reopens its readers lazily after unpickling,
+    which is what spawned prefetch workers need.
+    """
+
+    def __init__(self, paths: str | Sequence[str]):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = records.list_shards(paths)
+        self._paths = list(paths)
+        # Imported here, not at module level, so phantom-rendering pool processes
+        # (which import this module for `_render`) start without grain and JAX.
+        import grain  # pylint: disable=g-import-not-at-top
+
+        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        image, meta = records.decode_record(self._source[index])
+        return {"image": image, "meta": meta, "index": int(index)}
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._paths)
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordImageSource({len(self._paths)} shards, {len(self)} records)"
+
+
+def _init_render_worker() -> None:
+    # One process per core already; OpenCV's thread pool on top oversubscribes.
+    import cv2  # pylint: disable=g-import-not-at-top
+
+    cv2.setNumThreads(1)
+
+
+def _render(args):
+    # Module-level so a spawned pool can pickle it.
+    render_fn, index, seed, size = args
+    image, labels = render_fn(index, seed, size)
+    return image, labels
+
+
+def ensure_phantom_dataset(
+    data_dir: str,
+    *,
+    num_images: int,
+    seed: int,
+    size: int,
+    num_shards: int = 4,
+    num_procs: int | None = None,
+) -> list[str]:
+    """Renders the phantom dataset into shards once per data directory.
+
+    Shards go to `data_dir/phantom_{size}_{seed}_{num_images}/`. A marker file is
+    written last; if it exists the shards are reused untouched, otherwise
+    (first call, or a generation that was killed) everything is regenerated.
+    Concurrent generators (several hosts on a shared file system) are safe:
+    rendering is deterministic and every file appears by atomic rename.
+
+    num_procs: rendering processes (spawned). None: one per core (at most 8) for
+    64+ images, else 1. The result does not depend on it: images are rendered by
+    index and written in index order.
+    """
+    if num_images < 1 or size < 1 or num_shards < 1:
+        raise ValueError(
+            f"need num_images, size, num_shards >= 1, got {num_images}, {size}, {num_shards}"
+        )
+    out_dir = phantom_shards_dir(data_dir, num_images=num_images, seed=seed, size=size)
+    marker = os.path.join(out_dir, _MARKER)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        paths = [os.path.join(out_dir, p) for p in done["shards"]]
+        if all(os.path.exists(p) for p in paths):
+            return paths
+        # Someone deleted shards after completion: fall through and regenerate.
+
+    # Lazy: the phantom module is only needed when rendering.
+    from input_pipeline.phantom import render_phantom  # pylint: disable=g-import-not-at-top
+
+    if num_procs is None:
+        num_procs = min(os.cpu_count() or 1, 8) if num_images >= 64 else 1
+    jobs = ((render_phantom, i, seed, size) for i in range(num_images))
+    if num_procs > 1:
+        with multiprocessing.get_context("spawn").Pool(num_procs, _init_render_worker) as pool:
+            paths = records.write_shards(
+                pool.imap(_render, jobs, chunksize=4),
+                out_dir,
+                "phantom",
+                num_shards,
+                overwrite=True,
+            )
+    else:
+        paths = records.write_shards(
+            map(_render, jobs), out_dir, "phantom", num_shards, overwrite=True
+        )
+
+    info = {
+        "num_images": num_images,
+        "seed": seed,
+        "size": size,
+        "num_shards": num_shards,
+        "shards": [os.path.basename(p) for p in paths],
+    }
+    tmp = f"{marker}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, marker)
+    return paths
+
+
+def phantom_shards_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:
+    return os.path.join(os.fspath(data_dir), f"phantom_{size}_{seed}_{num_images}")
