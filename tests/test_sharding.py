@@ -1,46 +1,24 @@
 """Sharded runs equal the 1-device run; FSDP divides parameter + optimizer memory."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_model_config
-from mimjax import optim, sharding, train
+from conftest import random_batch as _batch
+from conftest import tiny_model_config, training_setup
+from mimjax import sharding, train
 from mimjax.objectives import build_loss_fn
 
 # f32 on CPU; sharded reductions sum in a different order than one device does.
 RTOL, ATOL = 2e-5, 1e-6
 
 
-def _config(mesh, model=None, **overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        seed=0, model=model or tiny_model_config(), mesh=mesh, ema_decay=0.0,
-        objectives=dict(masked_reconstruction=dict(weight=1.0, mask_ratio=0.75,
-                                                   norm_pix_loss=True, scale_weights=[1.0, 0.5])),
-        optimizer=dict(base_lr=1e-3, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8,
-                       weight_decay=0.05, grad_clip_norm=1.0),
-        sharding_rules=None, global_batch_size=16))
-    cfg.update(overrides)
-    return cfg
-
-
-def _batch(batch_size=16):
-    rng = np.random.default_rng(0)
-    return {"image_32": rng.normal(size=(batch_size, 32, 32, 1)).astype(np.float32),
-            "image_64": rng.normal(size=(batch_size, 64, 64, 1)).astype(np.float32)}
-
-
 def _run(mesh_cfg, devices, model=None):
     """One train step; returns (loss, grads, updated params) as numpy."""
-    config = _config(mesh_cfg, model)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    schedule = optim.make_schedule(config.optimizer, global_batch_size=16, total_steps=10,
-                                   warmup_steps=2)
-    tx = optim.make_optimizer(config.optimizer, schedule)
-    spec = train.ModelSpec.from_config(config.model)
-    state, _, shardings = train.create_train_state(config, mesh, spec, tx)
+    t = training_setup(mesh_cfg, devices, model)
+    config, mesh, spec, tx, schedule, state, shardings = (
+        t.config, t.mesh, t.spec, t.tx, t.schedule, t.state, t.shardings)
     loss_fn = build_loss_fn(config.objectives)
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(spec.bind(p), b, r), has_aux=True)
     step = train.make_train_step(spec, tx, loss_fn, schedule)
@@ -97,17 +75,12 @@ def test_fsdp_divides_state_memory():
     model = tiny_model_config(width=128, mlp_dim=512, depth=2)
 
     def state_bytes_per_device(mesh_cfg):
-        config = _config(mesh_cfg, model)
-        mesh = sharding.make_mesh(config.mesh)
-        schedule = optim.make_schedule(config.optimizer, global_batch_size=16, total_steps=10,
-                                       warmup_steps=2)
-        tx = optim.make_optimizer(config.optimizer, schedule)
-        spec = train.ModelSpec.from_config(config.model)
-        state, _, shardings = train.create_train_state(config, mesh, spec, tx)
-        step = train.make_train_step(spec, tx, build_loss_fn(config.objectives), schedule)
+        t = training_setup(mesh_cfg, model=model)
+        mesh, state = t.mesh, t.state
+        step = train.make_train_step(t.spec, t.tx, build_loss_fn(t.config.objectives), t.schedule)
         with jax.set_mesh(mesh):
             batch = sharding.global_batch(_batch(), mesh)
-            compiled = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)).lower(
+            compiled = jax.jit(step, donate_argnums=0, out_shardings=(t.shardings, None)).lower(
                 state, batch).compile()
         batch_bytes = sum(v.nbytes for v in _batch().values()) / 8
         small = sum(x.nbytes for x in jax.tree.leaves(state) if x.size < sharding.FSDP_MIN_SIZE)

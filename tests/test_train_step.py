@@ -12,18 +12,14 @@ import pytest
 
 from mimjax import checkpoint, optim, sharding, train
 from mimjax.objectives import build_loss_fn
-from test_sharding import _batch, _config
+from conftest import random_batch as _batch
+from conftest import trainer_config as _config
+from conftest import training_setup
 
 
 def _setup(mesh_cfg=None, devices=None, **overrides):
-    config = _config(mesh_cfg or {"data": -1, "fsdp": 1, "tensor": 1}, **overrides)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    schedule = optim.make_schedule(config.optimizer, global_batch_size=16, total_steps=10,
-                                   warmup_steps=2)
-    tx = optim.make_optimizer(config.optimizer, schedule)
-    spec = train.ModelSpec.from_config(config.model)
-    state, abstract, shardings = train.create_train_state(config, mesh, spec, tx)
-    return config, mesh, spec, tx, schedule, state, abstract, shardings
+    t = training_setup(mesh_cfg, devices, **overrides)
+    return t.config, t.mesh, t.spec, t.tx, t.schedule, t.state, t.abstract, t.shardings
 
 
 def _step_fn(config, spec, tx, schedule, shardings, **kwargs):
