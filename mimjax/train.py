@@ -235,7 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         config.data, scales=scales, global_batch_size=config.global_batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = iter(dataset)
-    total_steps, warmup_steps = resolve_steps(config, len(pipeline.make_source(config.data)))
+    total_steps, warmup_steps = resolve_steps(config, pipeline.num_records(config.data))
     schedule = optim.make_schedule(config.optimizer, global_batch_size=config.global_batch_size,
                                    total_steps=total_steps, warmup_steps=warmup_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
