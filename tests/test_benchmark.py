@@ -1,0 +1,131 @@
+"""tools/benchmark.py: the pretrain benchmark runs on a tiny model, alone and against HF."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import benchmark  # noqa: E402
+
+TINY_CONFIG = textwrap.dedent("""
+    from configs.mae_vit_b16 import get_config as mae_config
+
+    def get_config(arg=None):
+        c = mae_config(arg)
+        c.model.variant = "Ti/8"
+        c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 64, 1, 4, 128
+        c.model.decoder.width, c.model.decoder.depth, c.model.decoder.num_heads = 32, 1, 2
+        c.model.image_size, c.model.scales = 32, [32]
+        c.model.dtype = "float32"
+        c.global_batch_size = 8
+        return c
+""")
+
+# Fast settings: one warm-up step, two windows of two steps.
+FAST = ["--steps", "2", "--windows", "2", "--warmup", "1", "--peak-tflops", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("configs") / "tiny_mae.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+def _check_common(r, *, batch, scales):
+    assert r["benchmark"] == "pretrain"
+    assert r["num_devices"] == 8 and r["mesh"]["data"] == 8
+    assert r["batch"] == batch and r["scales"] == scales and r["image_size"] == scales[0]
+    assert r["img_per_s"] > 0 and r["step_time_s"] > 0
+    assert len(r["step_times_s"]) == 2
+    assert r["img_per_s"] == pytest.approx(batch / r["step_time_s"])
+    assert r["compile_s"] > 0 and 0 < r["params_m"] < 1
+    assert r["xla_gflops_per_step"] > 0 and r["model_gflops_per_step"] > 0
+    assert r["tflops_per_s"] > 0 and r["peak_tflops"] > 0
+    assert 0 < r["mfu"] < 1 and 0 < r["model_mfu"] < 1
+    assert r["loss"] == r["loss"]  # finite, not NaN
+
+
+def test_pretrain_cli_multiscale(tiny_config, tmp_path):
+    """As a subprocess (the __main__ path): a two-scale config, --image-size rescaling
+    the scales, config overrides, the table, JSON on the last stdout line and in --json."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "pretrain",
+           "--config", tiny_config, "--image-size", "32", "--batch", "16",
+           "--config.model.scales=[16, 32]", "--config.model.image_size", "16",
+           "--config.objectives.masked_reconstruction.scale_weights=[1.0, 0.5]",
+           "--config.model.class_token=false", "--json", str(out), *FAST]
+    env = dict(os.environ)  # inherits conftest's 8 simulated CPU devices
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    r = json.loads(lines[-1])
+    assert json.loads(out.read_text()) == r
+    assert any(line.startswith("images / s") for line in lines)
+    _check_common(r, batch=16, scales=[32, 64])
+    assert r["peak_source"] == "--peak-tflops" and r["peak_tflops"] == pytest.approx(0.8)
+    assert "hf" not in r and "speedup_vs_hf" not in r
+    assert set(r["model_gflops_per_image_fwd"]) == {"encoder", "decoder_32", "decoder_64"}
+
+
+def test_pretrain_compare_hf(tiny_config, capsys):
+    """In process, against HF ViTMAEForPreTraining built to the same sizes."""
+    pytest.importorskip("transformers")
+    r = benchmark.main(["pretrain", "--config", tiny_config, "--image-size", "32",
+                        "--compare", "hf", *FAST])
+    _check_common(r, batch=8, scales=[32])
+    hf = r["hf"]
+    assert hf["img_per_s"] > 0 and len(hf["step_times_s"]) == 2
+    # Same trainable parameters (HF's frozen sin-cos tables excluded) and FLOP count.
+    assert hf["params_m"] == pytest.approx(r["params_m"])
+    assert hf["model_gflops_per_step"] == pytest.approx(r["model_gflops_per_step"])
+    assert r["speedup_vs_hf"] == pytest.approx(r["img_per_s"] / hf["img_per_s"])
+    assert "note" not in hf  # one scale: like for like
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["speedup_vs_hf"] == r["speedup_vs_hf"]
+
+
+def test_model_flops_count():
+    """The analytic count: ViT-B/16 encoder on 49 + 1 tokens, 8x512 decoder on 197."""
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(
+        variant="B/16", image_size=224, scales=[224], channels=3, dtype="float32",
+        decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=None)))
+    counts = benchmark.model_flops_per_image(cfg, mask_ratio=0.75)
+    enc = 2 * 49 * 768 * 768 + 12 * (2 * 50 * (4 * 768**2 + 2 * 768 * 3072) + 4 * 50**2 * 768)
+    assert counts["encoder"] == enc
+    dec = (2 * 50 * 768 * 512 + 8 * (2 * 197 * (4 * 512**2 + 2 * 512 * 2048) + 4 * 197**2 * 512)
+           + 2 * 196 * 512 * 768)
+    assert counts["decoders"] == {224: dec}
+    assert counts["forward"] == enc + dec
+
+
+def test_config_overrides_and_errors(tiny_config):
+    config = benchmark.load_config(tiny_config, [
+        ("model.depth", "3"), ("model.scan", "true"), ("optimizer.base_lr", "1"),
+        ("model.scales", "[32, 64]"), ("model.attention", "fused")])
+    assert config.model.image_size == 32
+    assert config.model.depth == 3 and config.model.scan is True
+    assert config.optimizer.base_lr == 1.0 and isinstance(config.optimizer.base_lr, float)
+    assert list(config.model.scales) == [32, 64] and config.model.attention == "fused"
+    benchmark.set_image_size(config, 48)
+    assert config.model.image_size == 48 and list(config.model.scales) == [48, 96]
+    with pytest.raises(SystemExit, match="no field"):
+        benchmark.load_config(tiny_config, [("model.nope", "1")])
+    with pytest.raises(SystemExit, match="Unrecognised argument"):
+        benchmark.split_config_overrides(["--steps2"])
+    assert benchmark.split_config_overrides(["--config.a.b", "2", "--config.c=x"]) == [
+        ("a.b", "2"), ("c", "x")]
+
+
+def test_help():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
+                           "pretrain", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--compare" in proc.stdout and "--image-size" in proc.stdout
