@@ -8,10 +8,9 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from tools import benchmark
 
-import benchmark  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = textwrap.dedent("""
     from configs.mae_vit_b16 import get_config as mae_config
@@ -60,7 +59,8 @@ def test_pretrain_cli_multiscale(tiny_config, tmp_path):
            "--config", tiny_config, "--image-size", "32", "--batch", "16",
            "--config.model.scales=[16, 32]", "--config.model.image_size", "16",
            "--config.objectives.masked_reconstruction.scale_weights=[1.0, 0.5]",
-           "--config.model.class_token=false", "--json", str(out), *FAST]
+           "--config.model.class_token=false", "--json", str(out),
+           "--xla-option", "xla_cpu_enable_concurrency_optimized_scheduler=false", *FAST]
     env = dict(os.environ)  # inherits conftest's 8 simulated CPU devices
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,6 +71,7 @@ def test_pretrain_cli_multiscale(tiny_config, tmp_path):
     _check_common(r, batch=16, scales=[32, 64])
     assert r["peak_source"] == "--peak-tflops" and r["peak_tflops"] == pytest.approx(0.8)
     assert "hf" not in r and "speedup_vs_hf" not in r
+    assert r["xla_options"] == {"xla_cpu_enable_concurrency_optimized_scheduler": False}
     assert set(r["model_gflops_per_image_fwd"]) == {"encoder", "decoder_32", "decoder_64"}
 
 
@@ -123,6 +124,8 @@ def test_config_overrides_and_errors(tiny_config):
         benchmark.split_config_overrides(["--steps2"])
     assert benchmark.split_config_overrides(["--config.a.b", "2", "--config.c=x"]) == [
         ("a.b", "2"), ("c", "x")]
+    assert benchmark.parse_xla_options(["a=true", "b=3", "c=dot,eltwise"]) == {
+        "a": True, "b": 3, "c": "dot,eltwise"}
 
 
 def test_help():

@@ -35,6 +35,15 @@ pretrain
     for a MIRAM (multi-scale) config it is compared at the base scale only and the
     output says so.
 
+    Reading the numbers on a CPU host: other processes take cores and memory
+    bandwidth, so compare figures from one run (the windows alternate), look at the
+    spread of the windows, `host_load_avg` and `cpu_utilization`, and the peak
+    re-measured between rounds. Loading and running torch in the same process can
+    slow the JAX windows that follow an HF window (measured up to ~1.5x on a 2-core
+    host), so `speedup_vs_hf` errs against mimjax; time mimjax alone (no --compare)
+    for its own best figure. Process-wide XLA flags go in the XLA_FLAGS environment
+    variable; `--xla-option` passes compile options to the mimjax step only.
+
 Examples:
     python tools/benchmark.py pretrain --config configs/mae_vit_b16.py --image-size 224 \\
         --batch 16 --config.model.dtype=float32 --compare hf
@@ -390,21 +399,20 @@ def add_pretrain_parser(subparsers) -> None:
         "pretrain", help="time the MAE / MIRAM pretraining step (synthetic batch)",
         description="Time the real pretraining step on a synthetic batch; optionally "
                     "against HF transformers' ViTMAEForPreTraining. Config overrides: "
-                    "--config.KEY=VALUE (any number).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "--config.KEY=VALUE (any number).")
     p.add_argument("--config", required=True, metavar="FILE[:ARG]",
                    help="config file with get_config(arg), e.g. configs/mae_vit_b16.py")
     p.add_argument("--batch", type=int, default=None,
                    help="global batch size (default: config.global_batch_size)")
     p.add_argument("--image-size", type=int, default=None,
                    help="base (encoder) resolution; the other scales keep their ratio to it")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=3, help="timed windows (median / mean over them)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=3, help="timed windows; median and mean over them (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default: %(default)s)")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="also time HF transformers' ViTMAEForPreTraining (PyTorch, CPU)")
     p.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
-                   help="attn_implementation of the HF model")
+                   help="attn_implementation of the HF model (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: the CPU cores JAX uses, i.e. "
                         "all schedulable cores)")
