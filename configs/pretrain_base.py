@@ -4,6 +4,7 @@ Every field is documented here once; the config files override what differs.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from input_pipeline.pipeline import default_data_config
 
@@ -16,10 +17,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "mae"
     c.model.variant = "B/16"
-    c.model.width = None
-    c.model.depth = None
-    c.model.num_heads = None
-    c.model.mlp_dim = None
+    c.model.width = placeholder(int)
+    c.model.depth = placeholder(int)
+    c.model.num_heads = placeholder(int)
+    c.model.mlp_dim = placeholder(int)
     c.model.image_size = 112          # encoder (base) resolution
     c.model.scales = [112, 224]       # one decoder per target scale; scales[0] = image_size
     c.model.channels = 1
@@ -32,7 +33,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.model.remat = False             # recompute activations in the backward pass
     c.model.attention = "xla"         # "fused": jax.nn.dot_product_attention (cuDNN on GPU)
     c.model.decoder = ml_collections.ConfigDict(
-        dict(width=512, depth=8, num_heads=16, mlp_dim=None, posemb="sincos2d"))
+        dict(width=512, depth=8, num_heads=16, mlp_dim=placeholder(int), posemb="sincos2d"))
 
     # Objectives: name -> {weight, kwargs}. MIRAM = per-scale MSE on masked patches.
     c.objectives = ml_collections.ConfigDict()
@@ -44,13 +45,13 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     # Optimisation (MAE recipe): lr = base_lr * global_batch_size / 256.
     c.global_batch_size = 1024
     c.grad_accum_steps = 1
-    c.total_steps = None              # or total_epochs (needs the dataset size)
-    c.total_epochs = None
-    c.warmup_steps = None
-    c.warmup_epochs = None
+    c.total_steps = placeholder(int)              # or total_epochs (needs the dataset size)
+    c.total_epochs = placeholder(float)
+    c.warmup_steps = placeholder(int)
+    c.warmup_epochs = placeholder(float)
     c.optimizer = ml_collections.ConfigDict(dict(
         base_lr=1.5e-4, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
-        grad_clip_norm=None))
+        grad_clip_norm=placeholder(float)))
     c.ema_decay = 0.0                 # > 0 keeps an EMA of the parameters
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) steps
 
@@ -63,5 +64,5 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.figure_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
-    c.peak_tflops_per_device = None   # None = measure a matmul at start-up (for MFU)
+    c.peak_tflops_per_device = placeholder(float)   # None = measure a matmul at start-up (for MFU)
     return c

@@ -131,14 +131,21 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         head_dim = cfg.width // cfg.num_heads
         split = lambda t: t.reshape(b, n, cfg.num_heads, head_dim)
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         if cfg.attention == "fused":
+            q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
             y = jax.nn.dot_product_attention(q, k, v)
-        else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
-            y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return self.out(y.reshape(b, n, cfg.width))
+            return self.out(y.reshape(b, n, cfg.width))
+        # Heads-major layout and q scaled before QK^T: on XLA:CPU the (b, n, h, d)
+        # einsums picked a batched-matmul layout ~4x slower (profiled on ViT-B MAE).
+        heads_first = lambda t: jnp.transpose(split(t), (0, 2, 1, 3))
+        q = heads_first(self.query(x) * head_dim**-0.5)
+        k, v = heads_first(self.key(x)), heads_first(self.value(x))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+        weights = jnp.exp(logits)
+        weights = (weights * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(v.dtype)
+        y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        return self.out(jnp.transpose(y, (0, 2, 1, 3)).reshape(b, n, cfg.width))
 
 
 class Mlp(nnx.Module):
