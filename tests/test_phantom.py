@@ -260,28 +260,29 @@ def _edge_strength(img, mask):
     return float(np.hypot(gx, gy)[mask].mean())
 
 
+def _compare_margins(margin_a, margin_b, inner, outer, measure, count=5):
+    """Mean `measure` in the annulus [inner, outer] x lesion radius, for the same
+    breast and lesion site rendered with two margin types."""
+    a_values, b_values = [], []
+    for index in _find(lambda lab: lab["abnormality"] == "mass", count=count):
+        a, labels = _same_case_with_margin(index, margin_a)
+        b, _ = _same_case_with_margin(index, margin_b)
+        ring = _disc(a.shape, labels, inner, outer)
+        a_values.append(measure(a, ring))
+        b_values.append(measure(b, ring))
+    return np.mean(a_values), np.mean(b_values)
+
+
 def test_spiculated_has_more_fine_structure_around_the_core():
-    # Same anatomy and lesion site, only the margin differs: spicules add
-    # thin high-frequency structure in the annulus around the core.
-    spic, circ = [], []
-    for index in _find(lambda lab: lab["abnormality"] == "mass", count=5):
-        a, labels = _same_case_with_margin(index, "spiculated")
-        b, _ = _same_case_with_margin(index, "circumscribed")
-        ring = _disc(a.shape, labels, 1.1, 2.3)
-        spic.append(_highpass_energy(a, ring))
-        circ.append(_highpass_energy(b, ring))
-    assert np.mean(spic) > 1.2 * np.mean(circ)
+    # Only the margin differs: spicules add thin high-frequency structure
+    # in the annulus around the core.
+    spic, circ = _compare_margins("spiculated", "circumscribed", 1.1, 2.3, _highpass_energy)
+    assert spic > 1.2 * circ
 
 
 def test_ill_defined_boundary_is_blurred():
-    sharp, blurred = [], []
-    for index in _find(lambda lab: lab["abnormality"] == "mass", count=5):
-        a, labels = _same_case_with_margin(index, "circumscribed")
-        b, _ = _same_case_with_margin(index, "ill_defined")
-        boundary = _disc(a.shape, labels, 0.8, 1.2)
-        sharp.append(_edge_strength(a, boundary))
-        blurred.append(_edge_strength(b, boundary))
-    assert np.mean(sharp) > 1.3 * np.mean(blurred)
+    sharp, blurred = _compare_margins("circumscribed", "ill_defined", 0.8, 1.2, _edge_strength)
+    assert sharp > 1.3 * blurred
 
 
 def test_microlobulated_outline_undulates():
