@@ -1,7 +1,9 @@
 """The one on-disk record format of mimjax, and its ArrayRecord shard writer.
 
-A record is one 2-D single-channel image (uint8 or uint16) plus a JSON metadata
-dict (labels, pixel spacing, bits stored, ...). Every data source (phantom,
+A record is one single-channel image (uint8 or uint16; 2-D H x W, or 3-D
+D x H x W for a volume or a stack of modalities) plus a JSON metadata dict
+(labels, pixel spacing, bits stored, ...) and optional named extra arrays of
+the same kind (segmentation masks). Every data source (phantom,
 DICOM, NIfTI, PNG folders) is converted to this format once, so the training
 input pipeline has exactly one decoder to make fast and correct.
 
@@ -10,8 +12,12 @@ Byte layout of one record (all integers little-endian):
     b"MIMR"                 4 bytes  magic, so foreign bytes fail loudly
     header_len              4 bytes  uint32
     header                  header_len bytes, UTF-8 JSON:
-                            {"shape": [H, W], "dtype": "uint16", "meta": {...}}
+                            {"shape": [H, W], "dtype": "uint16", "meta": {...},
+                             "extras": [{"name", "shape", "dtype"}, ...]}
     pixels                  H * W * itemsize bytes, C order, little-endian
+    extra pixels            each extra array in header order, same encoding
+
+("extras" is omitted when there are none.)
 
 Raw pixels instead of PNG: decoding is a memcpy (the loader has to sustain
 >1000 images/s per worker). Shards are uncompressed by default for the same
@@ -57,16 +63,32 @@ def _json_default(obj):
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
 
 
-def encode_record(image: np.ndarray, meta: dict | None = None) -> bytes:
-    """Serialises a 2-D uint8/uint16 image and its metadata dict to bytes."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D (H, W) single channel, got shape {image.shape}")
-    if image.dtype.name not in _DTYPES:
-        raise ValueError(f"image dtype must be uint8 or uint16, got {image.dtype}")
-    if 0 in image.shape:
-        raise ValueError(f"image must not be empty, got shape {image.shape}")
+def _check_array(what: str, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(array).__name__}")
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"{what} must be 2-D (H, W) or 3-D (D, H, W) single channel, got shape {array.shape}"
+        )
+    if array.dtype.name not in _DTYPES:
+        raise ValueError(f"{what} dtype must be uint8 or uint16, got {array.dtype}")
+    if 0 in array.shape:
+        raise ValueError(f"{what} must not be empty, got shape {array.shape}")
+
+
+def encode_record(
+    image: np.ndarray, meta: dict | None = None, extras: dict[str, np.ndarray] | None = None
+) -> bytes:
+    """Serialises an image, its metadata dict and optional named extra arrays
+    (e.g. {"mask": HxW uint8}) to bytes."""
+    _check_array("image", image)
+    extras = {} if extras is None else extras
+    for name, array in extras.items():
+        if not isinstance(name, str) or not name or name == "image":
+            raise ValueError(
+                f"extra array names must be non-empty strings other than 'image', got {name!r}"
+            )
+        _check_array(f"extra array {name!r}", array)
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
@@ -74,19 +96,41 @@ def encode_record(image: np.ndarray, meta: dict | None = None) -> bytes:
     if bad_keys:
         raise ValueError(f"meta keys must be strings, got {bad_keys!r}")
     header = {"shape": list(image.shape), "dtype": image.dtype.name, "meta": meta}
+    if extras:
+        header["extras"] = [
+            {"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in extras.items()
+        ]
     try:
         header_bytes = json.dumps(
             header, default=_json_default, allow_nan=False, separators=(",", ":")
         ).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta is not JSON-serialisable: {e}") from e
-    pixels = np.ascontiguousarray(image, dtype=_DTYPES[image.dtype.name])
-    return _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + pixels.tobytes()
+    parts = [_PREFIX.pack(MAGIC, len(header_bytes)), header_bytes]
+    for array in (image, *extras.values()):
+        parts.append(np.ascontiguousarray(array, dtype=_DTYPES[array.dtype.name]).tobytes())
+    return b"".join(parts)
 
 
 def decode_record(data: bytes) -> tuple[np.ndarray, dict]:
-    """Inverse of `encode_record`: returns (image HxW, meta). The image is a copy
-    the caller may modify."""
+    """Inverse of `encode_record` for the image: returns (image, meta). The image
+    is a copy the caller may modify. Extra arrays are checked but not returned
+    (see `decode_record_with_extras`)."""
+    image, meta, _ = decode_record_with_extras(data, keep_extras=False)
+    return image, meta
+
+
+def _parse_layout(name: str, entry: dict) -> tuple[str, tuple[int, ...], np.dtype]:
+    shape = tuple(int(s) for s in entry["shape"])
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"{name} shape {shape}")
+    return name, shape, _DTYPES[entry["dtype"]]
+
+
+def decode_record_with_extras(
+    data: bytes, keep_extras: bool = True
+) -> tuple[np.ndarray, dict, dict[str, np.ndarray]]:
+    """Inverse of `encode_record`: (image, meta, {name: extra array})."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"record must be bytes, got {type(data).__name__}")
     if len(data) < _PREFIX.size:
@@ -104,24 +148,32 @@ def decode_record(data: bytes) -> tuple[np.ndarray, dict]:
         )
     try:
         header = json.loads(bytes(data[_PREFIX.size : start]))
-        shape = tuple(int(s) for s in header["shape"])
-        dtype = _DTYPES[header["dtype"]]
         meta = header["meta"]
-        if len(shape) != 2 or min(shape) < 1 or not isinstance(meta, dict):
-            raise ValueError(f"shape {shape} / meta type {type(meta).__name__}")
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta type {type(meta).__name__}")
+        layout = [_parse_layout("image", header)]
+        layout += [_parse_layout(e["name"], e) for e in header.get("extras", [])]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"corrupt record header: {e!r}") from e
-    expected = shape[0] * shape[1] * dtype.itemsize
+    expected = sum(int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in layout)
     if len(data) - start != expected:
         problem = "truncated" if len(data) - start < expected else "corrupt"
+        what = ", ".join(f"{n} {shape} {dtype.name}" for n, shape, dtype in layout)
         raise ValueError(
-            f"{problem} record: image {shape} {dtype.name} needs {expected} "
-            f"pixel bytes, got {len(data) - start}"
+            f"{problem} record: {what} need {expected} pixel bytes, got {len(data) - start}"
         )
-    image = np.frombuffer(data, dtype=dtype, count=shape[0] * shape[1], offset=start).reshape(shape)
-    # frombuffer gives a read-only view of `data`; a native-order copy is cheap
-    # next to the resizes that follow and saves every caller a surprise.
-    return image.astype(dtype.newbyteorder("="), copy=True), meta
+    arrays = {}
+    offset = start
+    for name, shape, dtype in layout:
+        count = int(np.prod(shape))
+        if name == "image" or keep_extras:
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+            # frombuffer gives a read-only view of `data`; a native-order copy is
+            # cheap next to the resizes that follow and saves every caller a surprise.
+            arrays[name] = array.astype(dtype.newbyteorder("="), copy=True)
+        offset += count * dtype.itemsize
+    image = arrays.pop("image")
+    return image, meta, arrays
 
 
 def shard_path(out_dir: str, name: str, index: int, count: int) -> str:
@@ -218,6 +270,46 @@ def write_shards(
     for p in set(existing) - set(final):
         os.remove(p)  # stale shards of an earlier, different shard count
     return final
+
+
+def write_shard(
+    path: str, encoded_records: Iterable[bytes], *, compression: str = "uncompressed"
+) -> int:
+    """Writes already-encoded records (see `encode_record`) to one ArrayRecord file.
+
+    The file is written under a hidden temporary name in the same directory and
+    renamed to `path` only after it has been closed, so a killed writer never
+    leaves a partial file under `path`. An empty iterable gives a valid empty
+    shard (ingestion can reject every file of a shard). Returns the record count.
+    """
+    from array_record.python import array_record_module
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(
+        out_dir, f".{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    )
+    writer = array_record_module.ArrayRecordWriter(tmp, f"{GROUP_SIZE_OPTION},{compression}")
+    count = 0
+    try:
+        for data in encoded_records:
+            writer.write(data)
+            count += 1
+        writer.close()
+        writer = None
+        os.replace(tmp, path)
+    except BaseException:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # pylint: disable=broad-except
+                pass
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return count
 
 
 def list_shards(path_or_glob: str | os.PathLike) -> list[str]:

@@ -40,7 +40,7 @@ def test_round_trip_non_contiguous_and_numpy_meta():
 @pytest.mark.parametrize(
     "image, match",
     [
-        (np.zeros((4, 4, 1), np.uint8), "2-D"),
+        (np.zeros((4, 4, 4, 1), np.uint8), "2-D"),
         (np.zeros((4,), np.uint8), "2-D"),
         (np.zeros((4, 4), np.float32), "dtype"),
         (np.zeros((4, 4), np.int16), "dtype"),
@@ -196,3 +196,34 @@ def test_image_source_decodes_and_pickles(tmp_path):
     np.testing.assert_array_equal(e["image"], recs[1][0])
     src2 = pickle.loads(pickle.dumps(src))  # what spawned workers receive
     assert src2[4]["meta"] == src[4]["meta"]
+
+
+def test_extras_and_volumes_round_trip():
+    volume = _image(np.uint16)[None].repeat(3, axis=0)
+    mask = (volume % 3).astype(np.uint8)
+    data = records.encode_record(volume, {"a": 1}, {"mask": mask})
+    out, meta, extras = records.decode_record_with_extras(data)
+    np.testing.assert_array_equal(out, volume)
+    np.testing.assert_array_equal(extras["mask"], mask)
+    assert meta == {"a": 1}
+    # The image-only decoder reads the same bytes and still checks their length.
+    np.testing.assert_array_equal(records.decode_record(data)[0], volume)
+    with pytest.raises(ValueError, match="truncated record"):
+        records.decode_record(data[:-1])
+    with pytest.raises(ValueError, match="names"):
+        records.encode_record(volume, {}, {"image": mask})
+
+
+def test_write_shard_is_atomic_and_allows_empty(tmp_path):
+    path = str(tmp_path / "s-00000-of-00001.array_record")
+    assert records.write_shard(path, []) == 0
+    assert len(ArrayRecordImageSource(path)) == 0
+
+    def failing():
+        yield records.encode_record(_image(np.uint8))
+        raise RuntimeError("boom")
+
+    other = str(tmp_path / "t-00000-of-00001.array_record")
+    with pytest.raises(RuntimeError):
+        records.write_shard(other, failing())
+    assert sorted(os.listdir(tmp_path)) == ["s-00000-of-00001.array_record"]
