@@ -15,6 +15,7 @@ import importlib
 # parsing never slows down the others.
 BUILDERS = {
     "cbis_ddsm": "cbis_ddsm",
+    "cbis_ddsm_full": "cbis_ddsm",
     "mimic_cxr": "mimic_cxr",
     "acdc": "acdc",
     "brats2021": "brats",
@@ -33,6 +34,8 @@ def build_rows(name: str, root: str):
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset builder {name!r}; choose one of {sorted(BUILDERS)}")
     module = importlib.import_module(f"input_pipeline.builders.{BUILDERS[name]}")
-    return module.build_rows(root) if not hasattr(module, "ROWS_BY_NAME") else (
-        module.ROWS_BY_NAME[name](root)
+    return (
+        module.build_rows(root)
+        if not hasattr(module, "ROWS_BY_NAME")
+        else (module.ROWS_BY_NAME[name](root))
     )
