@@ -544,14 +544,15 @@ def test_ceph_prepare_data_landmarks_follow_the_image(tmp_path):
             assert abs(cx - x) <= 1.0 and abs(cy - y) <= 1.0, ((x, y), (cx, cy))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the engine does not yet use options['spacing'] for files without spacing (BMP)",
-)
 def test_ceph_prepare_data_spacing_from_options(tmp_path):
+    # BMP carries no spacing: the builder's 0.1 mm option is the source spacing,
+    # scaled per axis by the exact resize (rounding makes the axes differ slightly).
     root = _ceph_tree_with_blobs(tmp_path / "ceph")
     decoded = _prepare("isbi2015_ceph", root, str(tmp_path / "out"), size=64)
-    scale = CEPH_E2E_SIZE[1] / 64  # source pixels per output pixel
     for _, meta, _ in [r for recs in decoded.values() for r in recs]:
-        assert meta["spacing"] == pytest.approx([0.1 * scale, 0.1 * scale])
+        geometry = meta["geometry"]
+        source, resized = geometry["source_shape"], geometry["resized_shape"]
+        assert max(resized) == 64
+        expected = [0.1 * source[0] / resized[0], 0.1 * source[1] / resized[1]]
+        assert meta["spacing"] == pytest.approx(expected)
+        assert expected[0] == pytest.approx(0.1 * max(source) / 64)
