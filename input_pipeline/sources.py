@@ -133,3 +133,48 @@ def ensure_phantom_dataset(
 
 def phantom_shards_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:
     return os.path.join(os.fspath(data_dir), f"phantom_{size}_{seed}_{num_images}")
+
+
+# Two real computed-radiography images shipped by the pydicom-data package
+# (MIT licence), stored lossless JPEG 2000: the demo ingests them with the same
+# engine as users' DICOM folders, so the main job exercises the real-data path.
+PYDICOM_CR_FILES = ("RG1_J2KR.dcm", "RG3_J2KR.dcm")
+# The data are public, so a fixed salt is fine (and keeps the demo quiet).
+_PUBLIC_SALT = "pydicom-data-public-examples"
+
+
+def pydicom_data_dir() -> str:
+    import data_store  # pylint: disable=g-import-not-at-top  (the pydicom-data package)
+
+    return os.path.join(os.path.dirname(data_store.__file__), "data")
+
+
+def ensure_pydicom_cr_dataset(data_dir: str, *, size: int) -> list[str]:
+    """Ingests pydicom-data's two CR radiographs into `data_dir/pydicom_cr_{size}/`
+    once (resized with aspect kept and padded to `size`), returns their shards.
+
+    Rerunning is cheap: the engine finds its completed shards and skips them.
+    """
+    from input_pipeline.ingest import engine  # pylint: disable=g-import-not-at-top
+    from input_pipeline.ingest.manifest import ManifestRow  # pylint: disable=g-import-not-at-top
+
+    rows = [
+        ManifestRow(
+            path=os.path.join(pydicom_data_dir(), name),
+            patient_id=f"pydicom-data/{name}",
+            split="train",
+            source=f"pydicom-data:{name}",
+        )
+        for name in PYDICOM_CR_FILES
+    ]
+    out_dir = os.path.join(os.fspath(data_dir), f"pydicom_cr_{size}")
+    summary = engine.ingest(
+        rows, out_dir, size=size, workers=1, salt=_PUBLIC_SALT, progress=False, log=lambda _: None
+    )
+    paths = records.list_shards(os.path.join(out_dir, "train"))
+    if summary.to_json().get("rejected"):
+        raise RuntimeError(
+            f"pydicom-data CR images were rejected on ingestion (see {out_dir}/rejected.jsonl): "
+            "reinstall pydicom-data and the pylibjpeg plugins (pip install -e .)"
+        )
+    return paths
