@@ -2,7 +2,8 @@
 
 make_pretrain_dataset graph (per process):
 
-  MapDataset.source(records)            decoded {"image", "meta", "index"}
+  MapDataset.source(record bytes)
+    .map_with_index(decode)             {"image", "meta", "index"} as sources.py
     .shuffle(s0)                        global permutation of the records
     .repeat()                           infinite; epoch e reshuffled with s0 + e
     .random_map(augment, seed=s1)       rng seeded by GLOBAL stream position
@@ -49,6 +50,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.phantom_num_images = 2048
     c.phantom_size = 448
     c.phantom_seed = 0
+    # phantom only: also ingest pydicom-data's two real CR radiographs (through
+    # tools/prepare_data.py's engine) and train on them beside the phantom.
+    c.pydicom_cr = False
     c.crop_scale = (0.2, 1.0)  # area fraction of the random resized crop
     c.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio range, sampled log-uniformly
     c.hflip = True
@@ -80,6 +84,10 @@ def make_source(data_cfg: Any) -> sources.ArrayRecordImageSource:
             seed=int(data_cfg.phantom_seed),
             size=int(data_cfg.phantom_size),
         )
+        if _get(data_cfg, "pydicom_cr", False):
+            paths = paths + sources.ensure_pydicom_cr_dataset(
+                data_cfg.dir, size=int(data_cfg.phantom_size)
+            )
     elif kind == "arrayrecord":
         paths = records.list_shards(data_cfg.dir)
     else:
@@ -137,8 +145,7 @@ def make_pretrain_dataset(
             f"global_batch_size {global_batch_size} must be a positive multiple of "
             f"process_count {process_count}"
         )
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    _check_seed(seed)
     num_workers = int(_get(data_cfg, "num_workers", 0))
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -147,22 +154,7 @@ def make_pretrain_dataset(
     _check_scales_fit(data_cfg, src, scales)
     if len(src) < global_batch_size:
         raise ValueError(f"{len(src)} records cannot fill a global batch of {global_batch_size}")
-    augment = transforms.MultiScaleRandomCrop(
-        scales,
-        crop_scale=tuple(data_cfg.crop_scale),
-        crop_ratio=tuple(data_cfg.crop_ratio),
-        hflip=bool(data_cfg.hflip),
-        **_transform_kwargs(data_cfg),
-    )
-    # Independent streams for the permutation and the augmentation.
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-
-    records_ds = (
-        grain.MapDataset.source(src)
-        .shuffle(seed=shuffle_seed)
-        .repeat()
-        .random_map(augment, seed=augment_seed)
-    )
+    records_ds = _record_stream(data_cfg, src, scales, seed)
     buffer = int(_get(data_cfg, "prefetch_buffer_size", 2))
     # ReadOptions defaults (16 threads, 500 elements) are sized for small
     # records; our elements are whole batches, so bound the buffer explicitly.
@@ -183,6 +175,67 @@ def make_pretrain_dataset(
         read_options=read_options,
         multiprocessing_options=mp_options,
     )
+
+
+def make_record_dataset(data_cfg: Any, *, scales: Sequence[int], seed: int) -> grain.MapDataset:
+    """The infinite stream of augmented records that make_pretrain_dataset batches:
+    element n is global stream position n (before the per-process slice), the
+    same element whatever the batch size, process or worker count. For timing and
+    inspecting the per-record work without batching or prefetch processes."""
+    scales = transforms.check_scales(scales)
+    _check_seed(seed)
+    src = make_source(data_cfg)
+    _check_scales_fit(data_cfg, src, scales)
+    return _record_stream(data_cfg, src, scales, seed)
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+
+
+def _record_stream(
+    data_cfg: Any, src: sources.ArrayRecordImageSource, scales: tuple[int, ...], seed: int
+) -> grain.MapDataset:
+    augment = transforms.MultiScaleRandomCrop(
+        scales,
+        crop_scale=tuple(data_cfg.crop_scale),
+        crop_ratio=tuple(data_cfg.crop_ratio),
+        hflip=bool(data_cfg.hflip),
+        **_transform_kwargs(data_cfg),
+    )
+    # Independent streams for the permutation and the augmentation.
+    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    return (
+        _decoded_records(src)
+        .shuffle(seed=shuffle_seed)
+        .repeat()
+        .random_map(augment, seed=augment_seed)
+    )
+
+
+class _DecodeRecord:
+    """(index, record bytes) -> the element `sources.ArrayRecordImageSource` gives."""
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
+
+    def __call__(self, index: int, data: bytes) -> dict:
+        image, meta = records.decode_record(data)
+        # Indices past the first epoch reach here unreduced (repeat and shuffle
+        # leave the modulo to the source).
+        return {"image": image, "meta": meta, "index": int(index) % self.num_records}
+
+
+def _decoded_records(src: sources.ArrayRecordImageSource) -> grain.MapDataset:
+    """`src`'s elements, decoded in a map step rather than by the source.
+
+    grain meters every read from a source by walking the element's tree; on raw
+    bytes that is a len(), on a decoded element (image + a meta dict of a dozen
+    or more leaves) it costs ~45 us per record, a twentieth of a worker's time.
+    """
+    raw = grain.sources.ArrayRecordDataSource(src.paths)
+    return grain.MapDataset.source(raw).map_with_index(_DecodeRecord(len(raw)))
 
 
 def num_records(data_cfg: Any) -> int:

@@ -87,13 +87,19 @@ def _resize_to_scales(crop: np.ndarray, scales: Sequence[int]) -> dict[int, np.n
     return out
 
 
+_DTYPE_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
 def intensity_max(image: np.ndarray, meta: dict) -> float:
     """The value that maps to 1.0: 2**bits_stored - 1 (e.g. 12-bit DICOM in
     uint16) if the record says so, else the dtype's maximum."""
-    dtype_max = np.iinfo(image.dtype).max
+    # A dict lookup: np.iinfo costs microseconds, once per record.
+    dtype_max = _DTYPE_MAX.get(image.dtype)
+    if dtype_max is None:
+        dtype_max = float(np.iinfo(image.dtype).max)
     bits = meta.get("bits_stored") if meta else None
     if bits is None:
-        return float(dtype_max)
+        return dtype_max
     bits = int(bits)
     if not 1 <= bits <= image.dtype.itemsize * 8:
         raise ValueError(f"bits_stored={bits} does not fit dtype {image.dtype}")
@@ -163,7 +169,9 @@ class _ToMultiScale:
         resized = _resize_to_scales(crop, self.scales)
         out = {}
         for s in self.scales:
-            image_s = resized[s][:, ::-1] if flip else resized[s]  # after resizing: fewer pixels
+            # Flipped after resizing (fewer pixels), by cv2 into a contiguous copy:
+            # normalizing a negative-stride view is slower (224 px: 41 us vs 4 + 18 us).
+            image_s = cv2.flip(resized[s], 1) if flip else resized[s]
             out[f"image_{s}"] = normalize(
                 image_s, max_value=max_value, mean=self.mean, std=self.std, channels=self.channels
             )

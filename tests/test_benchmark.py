@@ -1,4 +1,5 @@
-"""tools/benchmark.py: the pretrain benchmark runs on a tiny model, alone and against HF."""
+"""tools/benchmark.py: the pretrain benchmark on a tiny model (alone and against HF, which
+runs in its own process), and the loader benchmark on tiny records."""
 
 import json
 import os
@@ -132,3 +133,89 @@ def test_help():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
                            "pretrain", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--compare" in proc.stdout and "--image-size" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- loader
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    """24 records of 64x64 12-bit uint16 noise in 2 shards."""
+    import numpy as np
+
+    from input_pipeline import records
+
+    rng = np.random.default_rng(0)
+    recs = [(rng.integers(0, 4096, (64, 64)).astype(np.uint16), {"bits_stored": 12})
+            for _ in range(24)]
+    out = tmp_path_factory.mktemp("shards")
+    records.write_shards(recs, str(out), "tiny", 2)
+    return str(out)
+
+
+def test_loader_cli_sweep(tiny_shards, tmp_path):
+    """As a subprocess: a 1..2 worker sweep of every stage and of the grain pipeline on
+    tiny records, the table, JSON on the last stdout line and in --json."""
+    out = tmp_path / "loader.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "loader",
+           "--data", tiny_shards, "--workers", "2", "--sweep", "--size", "32",
+           "--batch", "4", "--seconds", "0.3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    r = json.loads(lines[-1])
+    assert json.loads(out.read_text()) == r
+    assert any(line.startswith("pipeline (grain)") for line in lines)
+    assert r["benchmark"] == "loader" and r["num_records"] == 24 and r["num_shards"] == 2
+    assert r["image_shape"] == [64, 64] and r["dtype"] == "uint16" and r["bits_stored"] == 12
+    assert r["compression"] == "uncompressed" and r["size"] == 32 and r["hflip"] is True
+    assert r["crop_scale"] == [0.2, 1.0]
+    assert [run["workers"] for run in r["runs"]] == [1, 2] and r["workers"] == 2
+    for run in r["runs"]:
+        n = run["workers"]
+        for name in benchmark.LOADER_STAGES:
+            m = run["stages"][name]
+            assert len(m["per_process"]) == n and min(m["per_process"]) > 0
+            assert m["total"] == pytest.approx(sum(m["per_process"]))
+            assert m["per_worker"] == pytest.approx(m["total"] / n)
+            assert m["per_worker_cpu_s"] > 0
+        p = run["pipeline"]
+        assert p["batches"] > 0 and p["total"] > 0
+        assert p["total"] == pytest.approx(p["batches"] * 4 / p["wall_s"])
+        assert p["per_worker"] == pytest.approx(p["total"] / n)
+    first, second = r["runs"]
+    assert first["pipeline"]["scaling"] == pytest.approx(1.0)
+    assert second["pipeline"]["scaling"] == pytest.approx(
+        second["pipeline"]["total"] / (2 * first["pipeline"]["total"]))
+    assert r["records_per_s_per_worker"] == second["pipeline"]["per_worker"]
+    assert r["meets_target"] == (max(r["records_per_s_per_worker"],
+                                     r["records_per_worker_cpu_s"] or 0) >= 1000)
+
+
+def test_loader_errors(tiny_shards, tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        benchmark.main(["loader", "--data", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="exceeds"):
+        benchmark.main(["loader", "--data", tiny_shards, "--size", "128"])
+    with pytest.raises(SystemExit, match="cannot fill --batch"):
+        benchmark.main(["loader", "--data", tiny_shards, "--size", "32", "--batch", "64"])
+    with pytest.raises(SystemExit, match="--workers must be >= 1"):
+        benchmark.main(["loader", "--data", tiny_shards, "--workers", "0"])
+
+
+def test_loader_record_stage_is_what_the_pipeline_batches(tiny_shards):
+    """The "record" stage times pipeline.make_record_dataset: its element n is row n of
+    the pretraining batches (same decode, shuffle and augmentation, across epochs)."""
+    import numpy as np
+
+    from input_pipeline import pipeline
+
+    cfg = benchmark.loader_data_config(tiny_shards)
+    stream = pipeline.make_record_dataset(cfg, scales=(32,), seed=5)
+    it = iter(pipeline.make_pretrain_dataset(cfg, scales=(32,), global_batch_size=8, seed=5))
+    for b in range(4):  # 32 records: one epoch and a third
+        batch = next(it)
+        for row in range(8):
+            element = stream[8 * b + row]
+            assert element["index"] == batch["index"][row]
+            np.testing.assert_array_equal(element["image_32"], batch["image_32"][row])
+    it.close()
