@@ -4,7 +4,9 @@ Command:
     python main.py --config configs/demo.py --workdir workdirs/demo
 
 What it does: generates the procedural phantom once under ./data (512 images at
-448 px, uint16, ArrayRecord), then pretrains a small ViT (width 192, 4 blocks,
+448 px, uint16, ArrayRecord) and ingests the two CR radiographs of the
+pydicom-data package (a chest PA and a leg, lossless JPEG 2000 DICOM) there with
+the engine of tools/prepare_data.py, then pretrains a small ViT (width 192, 4 blocks,
 patch 8) on 64-px crops whose masked patches are reconstructed by two decoders, at
 64 px and at 128 px (the 128-px targets are cropped from the real 448-px image).
 
@@ -37,6 +39,7 @@ def get_config(arg=None):
     c.data.dir = "data"
     c.data.phantom_num_images = 512
     c.data.phantom_size = 448
+    c.data.pydicom_cr = True  # + the two real CR radiographs of pydicom-data
     c.data.num_workers = 1
 
     c.global_batch_size = 32

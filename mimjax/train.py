@@ -288,7 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 writer.close()
                 _raise_nonfinite(history[-1], step_number, ckpt)
 
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        window_start, window_steps, data_wait, data_wait_max = time.perf_counter(), 0, 0.0, 0.0
         while step < total_steps:
             state, metrics = compiled(state, batch)
             step += 1
@@ -304,10 +304,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 last_metrics = _mean_metrics(history)
                 last_metrics.update(_speed_metrics(config, elapsed, window_steps, data_wait,
                                                    flops, peak, mesh))
+                last_metrics["data_wait_max_s"] = data_wait_max
                 writer.write(step, last_metrics)
                 if is_chief:
                     _log_progress(step, total_steps, last_metrics)
-                history, window_steps, data_wait = [], 0, 0.0
+                history, window_steps, data_wait, data_wait_max = [], 0, 0.0, 0.0
                 window_start = time.perf_counter()
             if step % config.figure_every == 0 or step == total_steps:
                 figures.write(step, state.params)
@@ -318,9 +319,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 log.warning("Stopped by SIGTERM at step %d; checkpoint saved.", step)
                 break
             if step < total_steps:
+                # Only the loader's share: the host->device copy is not a data wait.
                 wait_start = time.perf_counter()
-                batch = sharding.global_batch(_numeric_arrays(next(data_iter)), mesh)
-                data_wait += time.perf_counter() - wait_start
+                host_batch = next(data_iter)
+                waited = time.perf_counter() - wait_start
+                data_wait += waited
+                data_wait_max = max(data_wait_max, waited)
+                batch = sharding.global_batch(_numeric_arrays(host_batch), mesh)
     ckpt.close()
     writer.close()
     if hasattr(data_iter, "close"):
@@ -358,6 +363,9 @@ def _log_progress(step, total, m):
     speed = f"{m['img_per_s']:.1f} img/s"
     if "mfu" in m:
         speed += f" | {m['tflops_per_s']:.2f} TFLOP/s | MFU {100 * m['mfu']:.1f}%"
-    wait = f" | data wait {100 * m['data_wait_frac']:.0f}%" if m["data_wait_frac"] > 0.05 else ""
+    wait = ""
+    if m["data_wait_frac"] > 0.05:  # the input pipeline held the steps back
+        wait = (f" | waited for data {100 * m['data_wait_frac']:.0f}%"
+                f" (max {m['data_wait_max_s']:.2f} s)")
     log.info("step %d/%d | loss %.4f %s | lr %.2e | %s%s | ETA %s", step, total, m["loss"],
              losses, m["lr"], speed, wait, time.strftime("%H:%M:%S", time.gmtime(eta)))
