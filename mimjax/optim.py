@@ -3,6 +3,15 @@
 MAE recipe (He et al. 2022, Table 8): AdamW (0.9, 0.95), weight decay 0.05 on
 matrices only (not on biases, norms, position embeddings or tokens), linear warmup
 then cosine decay, lr = base_lr * global_batch / 256, optional global-norm clipping.
+
+Fine-tuning (BEiT / MAE fine-tuning recipe), both off by default:
+- `layer_decay` (e.g. 0.65 for ViT-B, 0.75 for ViT-L): encoder block i (of depth L)
+  learns at lr * layer_decay**(L - i), the embeddings (patch embedding, position
+  embedding, class token) at lr * layer_decay**(L + 1), everything after the blocks
+  (final norm, head) at lr;
+- `head_lr_mult`: the head (top-level `head/` parameters) learns at lr * head_lr_mult.
+Both scale the optimizer's whole update (weight decay included), as MAE's per-group
+`lr_scale` does. Stacked (`scan=True`) blocks get one scale per layer slice.
 """
 
 from __future__ import annotations
@@ -10,12 +19,14 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mimjax.sharding import path_to_str
 
 # Parameters excluded from weight decay, by the last components of their path.
-NO_DECAY_PATTERN = r"(^|.*/)(bias|scale|pos_embedding|cls_token|mask_token)$"
+NO_DECAY_PATTERN = r"(^|.*/)(bias|scale|pos_embedding|cls_token|mask_token|probe)$"
 
 
 def decay_mask(params):
@@ -41,6 +52,7 @@ def make_schedule(opt_cfg, *, global_batch_size: int, total_steps: int, warmup_s
 
 
 def make_optimizer(opt_cfg, schedule) -> optax.GradientTransformation:
+    """Clipping (optional) -> AdamW -> layer-wise / head lr scaling (optional)."""
     parts = []
     if opt_cfg.get("grad_clip_norm", None):
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
@@ -48,4 +60,98 @@ def make_optimizer(opt_cfg, schedule) -> optax.GradientTransformation:
         learning_rate=schedule, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.95),
         eps=opt_cfg.get("eps", 1e-8), weight_decay=opt_cfg.get("weight_decay", 0.05),
         mask=decay_mask))
+    layer_decay = opt_cfg.get("layer_decay", None)
+    head_lr_mult = opt_cfg.get("head_lr_mult", None)
+    head_lr_mult = 1.0 if head_lr_mult is None else float(head_lr_mult)
+    # Added only when it changes something: the optimizer state stays as it was otherwise.
+    if (layer_decay is not None and layer_decay != 1.0) or head_lr_mult != 1.0:
+        parts.append(scale_by_layerwise_lr(layer_decay, head_lr_mult=head_lr_mult))
     return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------- layer-wise lr decay
+_EMBEDDING = re.compile(r"^encoder/(patch_embed|pos_embedding|cls_token)(/|$)")
+_BLOCK = re.compile(r"^encoder/transformer/blocks/(?:(\d+)(?:/|$))?")
+_HEAD = re.compile(r"^head(/|$)")
+
+
+def encoder_depth(params) -> int:
+    """Number of encoder blocks, unrolled (`blocks/i/...`) or stacked (leading axis)."""
+    depth = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        match = _BLOCK.match(path_to_str(path))
+        if match:
+            index = match.group(1)
+            depth = max(depth, int(index) + 1 if index is not None else leaf.shape[0])
+    return depth
+
+
+def layer_ids(params):
+    """Per-parameter layer id (BEiT's convention), and the number of layers L + 1.
+
+    0: patch embedding, position embedding, class token; i + 1: encoder block i;
+    L + 1: everything else (the encoder's final norm, the head). For stacked blocks the
+    id is an int array with one entry per layer slice.
+    """
+    depth = encoder_depth(params)
+    if depth == 0:
+        raise ValueError(
+            "Layer-wise lr decay needs the encoder's blocks at 'encoder/transformer/blocks/...'; "
+            "none were found in the parameters. Set optimizer.layer_decay=None for this model.")
+    num_layers = depth + 1
+
+    def layer_id(path, leaf):
+        name = path_to_str(path)
+        if _EMBEDDING.match(name):
+            return 0
+        match = _BLOCK.match(name)
+        if match is None:
+            return num_layers
+        if match.group(1) is not None:
+            return int(match.group(1)) + 1
+        return np.arange(1, leaf.shape[0] + 1)
+
+    return jax.tree_util.tree_map_with_path(layer_id, params), num_layers
+
+
+def layerwise_lr_scales(params, layer_decay: float | None, head_lr_mult: float = 1.0):
+    """Per-parameter lr multipliers: layer_decay ** (L + 1 - layer_id), times
+    `head_lr_mult` for the head. Stacked blocks get an array shaped to broadcast
+    along their leading layer axis. `layer_decay=None` scales the head only."""
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"optimizer.layer_decay must be in (0, 1] (e.g. 0.75), got {layer_decay}.")
+    if layer_decay is None:
+        ids, num_layers = jax.tree.map(lambda _: 0, params), 0
+        layer_decay = 1.0
+    else:
+        ids, num_layers = layer_ids(params)
+
+    def scale(path, layer_id, leaf):
+        value = np.power(np.float64(layer_decay), num_layers - np.asarray(layer_id))
+        if _HEAD.match(path_to_str(path)):
+            value = value * head_lr_mult
+        if value.ndim:  # one scale per stacked layer, broadcast over the rest
+            return value.reshape((-1,) + (1,) * (leaf.ndim - 1))
+        return float(value)
+
+    return jax.tree_util.tree_map_with_path(scale, ids, params)
+
+
+def scale_by_layerwise_lr(layer_decay: float | None,
+                          head_lr_mult: float = 1.0) -> optax.GradientTransformation:
+    """Multiplies each update by its `layerwise_lr_scales` entry. Place it after the
+    optimizer (and its weight decay) so the whole update, decay included, is scaled.
+    Stateless: the scales depend only on the parameter paths and shapes."""
+    if head_lr_mult <= 0:
+        raise ValueError(f"optimizer.head_lr_mult must be positive, got {head_lr_mult}.")
+
+    def init(params):
+        layerwise_lr_scales(params, layer_decay, head_lr_mult)  # fail early on bad trees
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        scales = layerwise_lr_scales(updates, layer_decay, head_lr_mult)
+        scaled = jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
+        return scaled, state
+
+    return optax.GradientTransformation(init, update)

@@ -2,9 +2,9 @@
 
 from flax import nnx
 
-from mimjax.models import mae
+from mimjax.models import classifier, mae
 
-_BUILDERS = {"mae": mae.build_mae}
+_BUILDERS = {"mae": mae.build_mae, "vit_classifier": classifier.build_classifier}
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:

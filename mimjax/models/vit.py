@@ -6,6 +6,9 @@ Conventions (chosen so checkpoints map 1:1 onto HF transformers / timm ViTs):
 - fixed position embeddings are MAE's 2-D sin-cos table; the class token has a zero
   position embedding (a learned one would be redundant with the learned token);
 - pre-norm blocks, LayerNorm eps 1e-6, tanh-approximate GELU unless configured;
+- optional drop path (stochastic depth), rate rising linearly over depth from 0 to
+  `drop_path_rate` (DeiT / MAE fine-tuning); active only when a forward pass is
+  given an `rng` (training), so evaluation and the default rate 0 are deterministic;
 - parameters f32, compute in `dtype` (bf16 on accelerators), softmax in f32.
 """
 
@@ -63,6 +66,7 @@ class TransformerConfig:
     scan: bool = False
     remat: bool = False
     attention: str = "xla"  # "xla": explicit einsums, f32 softmax; "fused": jax.nn.dot_product_attention
+    drop_path_rate: float = 0.0  # last block's stochastic depth; block i gets i/(depth-1) of it
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -71,6 +75,12 @@ class TransformerConfig:
                 f"{self.num_heads}; choose a head count that divides the width.")
         if self.attention not in ("xla", "fused"):
             raise ValueError(f"attention must be 'xla' or 'fused', got {self.attention!r}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+
+    def drop_path_rates(self) -> np.ndarray:
+        """Per-block drop path rates, linearly increasing from 0 (MAE / DeiT schedule)."""
+        return np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -162,6 +172,15 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.cfg.gelu_approximate))
 
 
+def drop_path(branch: jax.Array, rng: jax.Array, rate: jax.Array) -> jax.Array:
+    """Stochastic depth: drops a residual branch per example with probability `rate`
+    and scales the kept ones by 1 / (1 - rate) so the expected output is unchanged."""
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(rng, keep_prob, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    scaled = branch * jnp.asarray(1.0 / keep_prob, branch.dtype)
+    return jnp.where(keep, scaled, jnp.zeros_like(branch))
+
+
 def layer_norm(width: int, cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
 
@@ -175,10 +194,16 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(cfg.width, cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None,
+                 drop_rate: jax.Array | float = 0.0) -> jax.Array:
+        """`rng` given: each residual branch is dropped per example with `drop_rate`."""
         x = sharding.constrain_batch(x)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if rng is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        attn_rng, mlp_rng = jax.random.split(rng)
+        x = x + drop_path(self.attn(self.norm1(x)), attn_rng, drop_rate)
+        return x + drop_path(self.mlp(self.norm2(x)), mlp_rng, drop_rate)
 
 
 class Transformer(nnx.Module):
@@ -196,17 +221,25 @@ class Transformer(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        apply = lambda block, h: block(h)
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`rng` (training only) enables drop path when `cfg.drop_path_rate` > 0."""
+        cfg = self.cfg
+        if rng is None or cfg.drop_path_rate == 0.0:
+            return self._run(x, lambda block, h: block(h))
+        # One key and one rate per block, scanned alongside the stacked layers.
+        per_block = (jax.random.split(rng, cfg.depth), jnp.asarray(cfg.drop_path_rates()))
+        return self._run(x, lambda block, h, key, rate: block(h, key, rate), per_block)
+
+    def _run(self, x, apply, per_block=()):
         if self.cfg.remat:
             apply = nnx.remat(apply)
         if self.cfg.scan:
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            def run(h, block):
-                return apply(block, h)
-            return run(x, self.blocks)
-        for block in self.blocks:
-            x = apply(block, x)
+            @nnx.scan(in_axes=(nnx.Carry, 0) + (0,) * len(per_block), out_axes=nnx.Carry)
+            def run(h, block, *block_args):
+                return apply(block, h, *block_args)
+            return run(x, self.blocks, *per_block)
+        for i, block in enumerate(self.blocks):
+            x = apply(block, x, *(arg[i] for arg in per_block))
         return x
 
 
@@ -252,6 +285,7 @@ def vit_config_from(model_cfg) -> ViTConfig:
         scan=get("scan", False),
         remat=get("remat", False),
         attention=get("attention", "xla"),
+        drop_path_rate=get("drop_path_rate", 0.0) or 0.0,
     )
     return ViTConfig(transformer=transformer, patch_size=spec["patch_size"],
                      image_size=model_cfg.image_size, channels=get("channels", 1),
@@ -262,7 +296,8 @@ class ViTEncoder(nnx.Module):
     """Patch embedding + position embedding (+ class token) + transformer + final norm.
 
     `__call__(images)` encodes every patch; `encode_visible(images, keep_ids)` encodes
-    only the patches listed in `keep_ids` (B, K) — the MAE encoder path.
+    only the patches listed in `keep_ids` (B, K) — the MAE encoder path. Either takes
+    an optional `rng`: given (training), drop path is active (if configured).
     """
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
@@ -295,18 +330,20 @@ class ViTEncoder(nnx.Module):
         tokens = self.patch_embed(patchify(images.astype(cfg.transformer.dtype), cfg.patch_size))
         return tokens + self.position_embeddings().astype(tokens.dtype)
 
-    def encode_tokens(self, tokens: jax.Array) -> jax.Array:
+    def encode_tokens(self, tokens: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """Prepends the class token (if any), runs the transformer and the final norm."""
         if self.cfg.class_token:
             cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype),
                                    (tokens.shape[0], 1, tokens.shape[-1]))
             tokens = jnp.concatenate([cls, tokens], axis=1)
-        return self.norm(self.transformer(tokens))
+        return self.norm(self.transformer(tokens, rng))
 
-    def encode_visible(self, images: jax.Array, keep_ids: jax.Array) -> jax.Array:
+    def encode_visible(self, images: jax.Array, keep_ids: jax.Array,
+                       rng: jax.Array | None = None) -> jax.Array:
         tokens = self.embed_patches(images)
         visible = jnp.take_along_axis(tokens, keep_ids[..., None], axis=1)
-        return self.encode_tokens(visible)
+        return self.encode_tokens(visible, rng)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.encode_tokens(self.embed_patches(images))
+    def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """(B, H, W, C) -> (B, [1 +] N, D): every patch, no masking."""
+        return self.encode_tokens(self.embed_patches(images), rng)
