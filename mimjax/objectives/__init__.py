@@ -11,9 +11,12 @@ import functools
 
 import jax
 
-from mimjax.objectives import masked_reconstruction
+from mimjax.objectives import classification, masked_reconstruction
 
-OBJECTIVES = {"masked_reconstruction": masked_reconstruction.loss_fn}
+OBJECTIVES = {
+    "masked_reconstruction": masked_reconstruction.loss_fn,
+    "classification": classification.loss_fn,
+}
 
 
 def build_loss_fn(objectives_cfg):
