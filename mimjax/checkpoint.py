@@ -70,3 +70,50 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class BestCheckpointer:
+    """The best parameters so far and their metrics, in a directory of their own
+    (e.g. WORKDIR/best, apart from the "latest" checkpoints used for resume).
+
+    Holds one step (max_to_keep=1): a save happens only when the caller found the new
+    result better, so the newest step is the best. The metrics are saved beside the
+    parameters, so a resumed run compares against the best of the runs before it.
+    """
+
+    PARAMS, METRICS = "params", "metrics"
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(self.PARAMS, self.METRICS))
+
+    def best_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_metrics(self) -> dict | None:
+        step = self.best_step()
+        if step is None:
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{self.METRICS: ocp.args.JsonRestore()}))
+        return dict(restored[self.METRICS])
+
+    def save(self, step: int, params, metrics: dict) -> None:
+        if step in self._manager.all_steps():  # re-evaluated after a resume
+            self._manager.delete(step)
+        self._manager.save(step, args=ocp.args.Composite(**{
+            self.PARAMS: ocp.args.StandardSave(params),
+            self.METRICS: ocp.args.JsonSave(metrics)}), force=True)
+        log.info("New best at step %d saved to %s", step, self.directory)
+
+    def restore_params(self, abstract_params):
+        step = self.best_step()
+        args = ocp.args.Composite(**{self.PARAMS: ocp.args.StandardRestore(abstract_params)})
+        return self._manager.restore(step, args=args)[self.PARAMS]
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,9 +1,17 @@
-"""The one generic trainer: state, step, loop, figures, checkpoints.
+"""The one generic trainer: state, step, loop, evals, figures, checkpoints.
 
 Read top to bottom: the train state; the model bound from parameters; the state
-built abstractly and created already sharded; the jitted step (gradient
-accumulation, non-finite guard, EMA); the loop (data, logging, figures,
-checkpoints, SIGTERM). Objectives are pure loss functions chosen by config.
+built abstractly and created already sharded, optionally with an encoder from a
+pretraining checkpoint; the jitted step (gradient accumulation, non-finite guard,
+EMA); the loop (data, logging, evals, figures, checkpoints, SIGTERM). Objectives are
+pure loss functions chosen by config.
+
+`config.task` picks what differs between pretraining and fine-tuning, nothing else:
+- "pretrain" (default): the multi-scale pretraining pipeline, reconstruction figures;
+- "classification" (model "vit_classifier", objective "classification"): the
+  fine-tuning pipeline (input_pipeline.finetune), val evals with the best
+  parameters kept in WORKDIR/best/, and a test eval of those at the end
+  (mimjax.evaluators.classifier_eval).
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mimjax import checkpoint, metric_logging, optim, perf, sharding
-from mimjax.evaluators import reconstruction
+from mimjax import checkpoint, metric_logging, optim, perf, pretrained, sharding
+from mimjax.evaluators import classifier_eval, reconstruction
 from mimjax.models import build_model
 from mimjax.objectives import build_loss_fn
 
@@ -91,6 +99,27 @@ def create_train_state(config, mesh, spec: ModelSpec, tx: optax.GradientTransfor
     shardings = sharding.tree_shardings(abstract_state, mesh, rules_from(config))
     state = jax.jit(init, out_shardings=shardings)()
     return state, abstract_state, shardings
+
+
+def init_from_pretrained(config, state: TrainState, abstract_state, shardings) -> TrainState:
+    """The fresh `state` with its encoder (and the EMA's, if kept) from `config.init`,
+    a pretraining workdir; parameters the checkpoint lacks (e.g. the head) and the
+    optimizer state stay as initialised (zero Adam moments suit any parameters)."""
+    loaded, _ = pretrained.init_from_checkpoint(
+        abstract_state.params, config.init, config.get("init_step", None),
+        use_ema=bool(config.get("init_use_ema", False)))
+
+    def place(new, current, target_sharding):
+        if isinstance(new, jax.ShapeDtypeStruct):  # not in the checkpoint
+            return current
+        host = np.asarray(new)  # the same on every process
+        return jax.make_array_from_callback(host.shape, target_sharding, lambda i: host[i])
+
+    params = jax.tree.map(place, loaded, state.params, shardings.params)
+    ema = state.ema_params
+    if ema:  # its own buffers: params are donated into the step
+        ema = jax.tree.map(place, loaded, ema, shardings.ema_params)
+    return state.replace(params=params, ema_params=ema)
 
 
 def rules_from(config):
@@ -161,6 +190,46 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
 
 
 # --------------------------------------------------------------------------- loop
+TASKS = ("pretrain", "classification")
+
+
+def task_of(config) -> str:
+    """`config.task`, checked against the model and objectives it needs."""
+    task = config.get("task", "pretrain")
+    if task not in TASKS:
+        raise ValueError(f"config.task must be one of {TASKS}, got {task!r}.")
+    is_classifier = config.model.name == "vit_classifier"
+    if (task == "classification") != is_classifier:
+        raise ValueError(
+            f"config.task {task!r} does not fit model.name {config.model.name!r}: task "
+            "'classification' trains model 'vit_classifier', task 'pretrain' a pretraining "
+            "model (e.g. 'mae'); set both consistently.")
+    if task == "classification" and "classification" not in config.objectives:
+        raise ValueError("config.task 'classification' needs config.objectives.classification "
+                         "(label_key, multilabel, ...); see configs/finetune_base.py.")
+    return task
+
+
+def make_train_data(config, task: str):
+    """(training batches, records per epoch) of the task's input pipeline."""
+    if task == "classification":
+        from input_pipeline import finetune  # grain import kept off the model/test paths
+
+        label_key = config.objectives.classification.label_key
+        dataset = finetune.make_finetune_train_dataset(
+            config.data, image_size=config.model.image_size,
+            global_batch_size=config.global_batch_size, seed=config.seed,
+            label_keys=(label_key.removeprefix("label_"),),
+            process_index=jax.process_index(), process_count=jax.process_count())
+        return dataset, len(finetune.split_source(config.data, "train"))
+    from input_pipeline import pipeline  # grain import kept off the model/test paths
+
+    dataset = pipeline.make_pretrain_dataset(
+        config.data, scales=tuple(config.model.scales), global_batch_size=config.global_batch_size,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    return dataset, pipeline.num_records(config.data)
+
+
 def resolve_steps(config, num_records: int | None) -> tuple[int, int]:
     """(total_steps, warmup_steps) from *_steps or, given the dataset size, *_epochs."""
     def steps(name):
@@ -224,18 +293,14 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains per `config`, resuming from `workdir` if it holds a checkpoint.
     Returns the last logged metrics."""
-    from input_pipeline import pipeline  # grain import kept off the model/test paths
-
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
+    task = task_of(config)
     mesh = sharding.make_mesh(config.mesh)
     validate_config(config, mesh)
-    scales = tuple(config.model.scales)
-    dataset = pipeline.make_pretrain_dataset(
-        config.data, scales=scales, global_batch_size=config.global_batch_size,
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    dataset, num_records = make_train_data(config, task)
     data_iter = iter(dataset)
-    total_steps, warmup_steps = resolve_steps(config, pipeline.num_records(config.data))
+    total_steps, warmup_steps = resolve_steps(config, num_records)
     schedule = optim.make_schedule(config.optimizer, global_batch_size=config.global_batch_size,
                                    total_steps=total_steps, warmup_steps=warmup_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
@@ -252,6 +317,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if start_step is not None:
         state = ckpt.restore(start_step, checkpoint.abstract_with_shardings(abstract_state, shardings),
                              data_iter)
+        if config.get("init", None):
+            log.info("Resuming from step %d of %s: config.init (%s) is not used.", start_step,
+                     ckpt.directory, config.init)
+    elif config.get("init", None):
+        state = init_from_pretrained(config, state, abstract_state, shardings)
     start_step = int(start_step or 0)
 
     train_step = make_train_step(
@@ -259,7 +329,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         grad_accum_steps=config.get("grad_accum_steps", 1), ema_decay=config.get("ema_decay", 0.0))
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
     writer = metric_logging.MetricWriter(workdir)
-    figures = reconstruction.FigureWriter(config, spec, workdir)
+    figures = evals = None
+    if task == "classification":
+        evals = classifier_eval.ClassificationHooks(config, spec, mesh, workdir, writer)
+    else:
+        figures = reconstruction.FigureWriter(config, spec, workdir)
     stop = _StopRequest()
     max_streak = config.get("max_consecutive_nonfinite", 10)
     last_metrics: dict[str, float] = {}
@@ -310,8 +384,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     _log_progress(step, total_steps, last_metrics)
                 history, window_steps, data_wait, data_wait_max = [], 0, 0.0, 0.0
                 window_start = time.perf_counter()
-            if step % config.figure_every == 0 or step == total_steps:
+            if figures and (step % config.figure_every == 0 or step == total_steps):
                 figures.write(step, state.params)
+            if evals and evals.due(step, total_steps):
+                last_metrics.update(evals.after_step(step, state))
             # Save before fetching the next batch: the saved iterator position must be
             # the first batch the resumed run has not trained on.
             ckpt.save(step, state, data_iter, force=stop_now)
@@ -326,7 +402,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 data_wait += waited
                 data_wait_max = max(data_wait_max, waited)
                 batch = sharding.global_batch(_numeric_arrays(host_batch), mesh)
+        if evals and step >= total_steps:
+            evals.finish(state, abstract_state.params, shardings.params,
+                         trained=step > start_step)
     ckpt.close()
+    if evals:
+        evals.close()
     writer.close()
     if hasattr(data_iter, "close"):
         data_iter.close()  # stops prefetch workers and frees their shared memory
