@@ -383,7 +383,7 @@ def _single_class_labels(raw: _RawSubset, key: str) -> np.ndarray:
     """meta[key] of every record, which must be one class (int, bool or str) each."""
     values = []
     for i in range(len(raw)):
-        meta = records.decode_record(raw[i])[1]
+        meta = records.decode_meta(raw[i])
         if key not in meta:
             raise KeyError(
                 f"record {i} has no label {key!r} to balance on (keys: {sorted(meta)}); "
@@ -423,20 +423,7 @@ def make_finetune_train_dataset(
     pipeline.ResumableBatches): the same batches after a restore whatever the
     worker or process count. Config keys read: see default_finetune_data_config.
     """
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
-        )
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    num_workers = int(_get(data_cfg, "num_workers", 0))
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    pipeline.check_batching(data_cfg, global_batch_size, seed, process_index, process_count)
 
     src = split_source(data_cfg, split)
     if len(src) < global_batch_size:
@@ -466,23 +453,12 @@ def make_finetune_train_dataset(
     )
     stream = indices.map(_ReadRecord(raw)).random_map(augment, seed=augment_seed)
 
-    buffer = int(_get(data_cfg, "prefetch_buffer_size", 2))
-    read_options = grain.ReadOptions(
-        num_threads=int(_get(data_cfg, "num_threads", 2)), prefetch_buffer_size=buffer
-    )
-    mp_options = None
-    if num_workers > 0:
-        pipeline._ensure_absl_flags_parsed()  # pylint: disable=protected-access
-        mp_options = grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=buffer
-        )
-    return pipeline.ResumableBatches(
+    return pipeline.batched(
         stream,
+        data_cfg,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
-        read_options=read_options,
-        multiprocessing_options=mp_options,
     )
 
 

@@ -136,6 +136,26 @@ def make_pretrain_dataset(
     get_state/set_state (orbax: grain.checkpoint.CheckpointSave/Restore).
     """
     scales = transforms.check_scales(scales)
+    check_batching(data_cfg, global_batch_size, seed, process_index, process_count)
+
+    src = make_source(data_cfg)
+    _check_scales_fit(data_cfg, src, scales)
+    if len(src) < global_batch_size:
+        raise ValueError(f"{len(src)} records cannot fill a global batch of {global_batch_size}")
+    records_ds = _record_stream(data_cfg, src, scales, seed)
+    return batched(
+        records_ds,
+        data_cfg,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+def check_batching(
+    data_cfg: Any, global_batch_size: int, seed: int, process_index: int, process_count: int
+) -> None:
+    """Argument checks shared by every batched training pipeline."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(
             f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
@@ -146,15 +166,21 @@ def make_pretrain_dataset(
             f"process_count {process_count}"
         )
     _check_seed(seed)
-    num_workers = int(_get(data_cfg, "num_workers", 0))
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if int(_get(data_cfg, "num_workers", 0)) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {_get(data_cfg, 'num_workers')}")
 
-    src = make_source(data_cfg)
-    _check_scales_fit(data_cfg, src, scales)
-    if len(src) < global_batch_size:
-        raise ValueError(f"{len(src)} records cannot fill a global batch of {global_batch_size}")
-    records_ds = _record_stream(data_cfg, src, scales, seed)
+
+def batched(
+    stream: grain.MapDataset,
+    data_cfg: Any,
+    *,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> ResumableBatches:
+    """An infinite stream of augmented records (element n = global stream
+    position n) -> this process's resumable batches, with the configured
+    read threads, buffer and prefetch worker processes."""
     buffer = int(_get(data_cfg, "prefetch_buffer_size", 2))
     # ReadOptions defaults (16 threads, 500 elements) are sized for small
     # records; our elements are whole batches, so bound the buffer explicitly.
@@ -162,13 +188,14 @@ def make_pretrain_dataset(
         num_threads=int(_get(data_cfg, "num_threads", 2)), prefetch_buffer_size=buffer
     )
     mp_options = None
+    num_workers = int(_get(data_cfg, "num_workers", 0))
     if num_workers > 0:
         _ensure_absl_flags_parsed()
         mp_options = grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=buffer
         )
     return ResumableBatches(
-        records_ds,
+        stream,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,

@@ -120,17 +120,8 @@ def decode_record(data: bytes) -> tuple[np.ndarray, dict]:
     return image, meta
 
 
-def _parse_layout(name: str, entry: dict) -> tuple[str, tuple[int, ...], np.dtype]:
-    shape = tuple(int(s) for s in entry["shape"])
-    if len(shape) not in (2, 3) or min(shape) < 1:
-        raise ValueError(f"{name} shape {shape}")
-    return name, shape, _DTYPES[entry["dtype"]]
-
-
-def decode_record_with_extras(
-    data: bytes, keep_extras: bool = True
-) -> tuple[np.ndarray, dict, dict[str, np.ndarray]]:
-    """Inverse of `encode_record`: (image, meta, {name: extra array})."""
+def _read_header(data: bytes) -> tuple[dict, int]:
+    """(header dict with a dict "meta", offset of the first pixel byte)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"record must be bytes, got {type(data).__name__}")
     if len(data) < _PREFIX.size:
@@ -148,9 +139,33 @@ def decode_record_with_extras(
         )
     try:
         header = json.loads(bytes(data[_PREFIX.size : start]))
-        meta = header["meta"]
-        if not isinstance(meta, dict):
-            raise ValueError(f"meta type {type(meta).__name__}")
+        if not isinstance(header["meta"], dict):
+            raise TypeError(f"meta type {type(header['meta']).__name__}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"corrupt record header: {e!r}") from e
+    return header, start
+
+
+def decode_meta(data: bytes) -> dict:
+    """The metadata dict of an encoded record, without copying its pixels (for
+    scans over labels)."""
+    return _read_header(data)[0]["meta"]
+
+
+def _parse_layout(name: str, entry: dict) -> tuple[str, tuple[int, ...], np.dtype]:
+    shape = tuple(int(s) for s in entry["shape"])
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"{name} shape {shape}")
+    return name, shape, _DTYPES[entry["dtype"]]
+
+
+def decode_record_with_extras(
+    data: bytes, keep_extras: bool = True
+) -> tuple[np.ndarray, dict, dict[str, np.ndarray]]:
+    """Inverse of `encode_record`: (image, meta, {name: extra array})."""
+    header, start = _read_header(data)
+    meta = header["meta"]
+    try:
         layout = [_parse_layout("image", header)]
         layout += [_parse_layout(e["name"], e) for e in header.get("extras", [])]
     except (ValueError, KeyError, TypeError) as e:

@@ -208,6 +208,9 @@ def test_extras_and_volumes_round_trip():
     assert meta == {"a": 1}
     # The image-only decoder reads the same bytes and still checks their length.
     np.testing.assert_array_equal(records.decode_record(data)[0], volume)
+    assert records.decode_meta(data) == {"a": 1}
+    with pytest.raises(ValueError, match="not a mimjax record"):
+        records.decode_meta(b"\x89PNG" + data[4:])
     with pytest.raises(ValueError, match="truncated record"):
         records.decode_record(data[:-1])
     with pytest.raises(ValueError, match="names"):
