@@ -25,7 +25,12 @@ def main(argv):
     from mimjax import train  # after flags: keeps `--help` fast
 
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if FLAGS.config.get("task") == "experiment":  # several runs and a table
+            from mimjax import experiment
+
+            experiment.run_experiment(FLAGS.config, FLAGS.workdir)
+        else:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.NonFiniteLossError as error:
         logging.error("%s", error)
         raise SystemExit(1) from None

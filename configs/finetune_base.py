@@ -59,6 +59,10 @@ def finetune_defaults(
     c.data.phantom_num_images = 512
     c.data.phantom_size = 448
     c.data.num_workers = 1
+    # The phantom holds whole mammograms: fine-tune on lesion-centred crops (side 6
+    # lesion radii), as CBIS-DDSM's cropped lesion images, with mild crop jitter.
+    c.data.roi_context = 3.0
+    c.data.crop_scale = (0.7, 1.0)
 
     c.global_batch_size = 32
     c.total_steps = 300
@@ -97,6 +101,7 @@ def apply_size(c, arg) -> ml_collections.ConfigDict:
         # Paper scale: a tools/prepare_data.py output root with train/ val/ test/.
         c.data.source = "arrayrecord"
         c.data.dir = arg
+        c.data.roi_context = 0.0  # the cbis_ddsm builder's records already are lesion crops
         c.data.num_workers = 8
         c.model.variant = "B/16"
         c.model.width = c.model.depth = c.model.num_heads = None

@@ -44,3 +44,41 @@ def test_paper_setups(name, scales):
 def test_demo_rejects_unknown_argument():
     with pytest.raises(ValueError, match="no argument or 'tiny'"):
         importlib.import_module("configs.demo").get_config("huge")
+
+
+FINETUNE_FILES = ["finetune_cbis_pathology", "finetune_cbis_margin"]
+
+
+@pytest.mark.parametrize("name", FINETUNE_FILES)
+def test_finetune_configs_document_and_build(name):
+    module = importlib.import_module(f"configs.{name}")
+    assert "python main.py --config configs/" in module.__doc__
+    assert "Expected" in module.__doc__
+    for arg in (None, "tiny", "/data/cbis_prepared"):
+        config = module.get_config(arg)
+        assert config.task == "classification" and config.model.name == "vit_classifier"
+        assert config.model.num_classes == len(config.finetune.class_names)
+        model = nnx.eval_shape(lambda c=config: build_model(c.model, rngs=nnx.Rngs(0)))
+        assert model.head is not None
+    paper = module.get_config("/data/cbis_prepared")
+    assert (paper.data.source, paper.data.dir) == ("arrayrecord", "/data/cbis_prepared")
+    assert (paper.model.variant, paper.model.image_size) == ("B/16", 224)
+
+
+def test_experiment_config_compares_equal_budgets():
+    module = importlib.import_module("configs.experiments.miram_vs_mae")
+    assert "python main.py --config configs/experiments/miram_vs_mae.py" in module.__doc__
+    for arg in (None, "/data/cbis_prepared"):
+        c = module.get_config(arg)
+        assert c.task == "experiment" and list(c.arms) == ["miram", "mae", "scratch"]
+        miram, mae = c.pretrain.miram, c.pretrain.mae
+        assert len(miram.model.scales) == 2 and list(mae.model.scales) == [miram.model.image_size]
+        for key in ("total_steps", "total_epochs", "global_batch_size", "seed"):
+            assert miram.get(key) == mae.get(key), key
+        assert miram.data.to_dict() == mae.data.to_dict()
+        assert miram.model.image_size <= c.finetune.pathology.model.image_size
+    demo_scale = module.get_config()
+    # Pretraining never sees the images fine-tuning tests on.
+    assert demo_scale.pretrain.miram.data.phantom_seed != demo_scale.finetune.pathology.data.phantom_seed
+    paper = module.get_config("/data/cbis_prepared")
+    assert paper.pretrain.miram.data.dir == "/data/cbis_prepared/train"
