@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from input_pipeline import pipeline, records, sources, transforms
+from input_pipeline import dequantize, pipeline, records, sources, transforms
 
 SCALES = (8, 16)
 RENDER_CALLS = []  # indices rendered in this process by the stand-in
@@ -194,6 +194,102 @@ def test_transform_validation():
         )
 
 
+# ------------------------------------------------------ uint16 transport
+
+
+def test_quantize_unit():
+    image = np.array([[0, 1, 1000, 4095, 4096, 65535]], np.uint16)
+    q = transforms.quantize_unit(image, max_value=4095)
+    assert q.dtype == np.uint16 and q.shape == image.shape
+    # round(x / 4095 * 65535); above max_value (a lying bits_stored) saturates.
+    np.testing.assert_array_equal(q, [[0, 16, 16004, 65535, 65535, 65535]])
+    np.testing.assert_array_equal(transforms.quantize_unit(image, max_value=65535), image)
+    eight = np.array([[0, 1, 128, 255]], np.uint8)
+    np.testing.assert_array_equal(
+        transforms.quantize_unit(eight, max_value=255), [[0, 257, 128 * 257, 65535]]
+    )
+    ramp = np.arange(4096, dtype=np.uint16)[None]
+    error = transforms.quantize_unit(ramp, max_value=4095) / 65535 - ramp / 4095
+    assert np.abs(error).max() <= 0.51 / 65535  # rounded to the nearest step
+
+
+def _data_cfg(mean, std, channels):
+    return types.SimpleNamespace(norm_mean=mean, norm_std=std, channels=channels)
+
+
+@pytest.mark.parametrize(
+    "dtype, meta, top",
+    [(np.uint16, {"bits_stored": 12}, 4095), (np.uint16, {}, 65535), (np.uint8, {}, 255)],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_quantized_transform_then_dequantize_matches_float_path(dtype, meta, top, channels):
+    """uint16 transport + on-device normalisation = the float32 host path, to within
+    1e-5 of the normalised range (1 / std); same crop, same flip, same pixels."""
+    image = np.random.default_rng(0).integers(0, top + 1, (48, 40)).astype(dtype)
+    element = {"image": image, "meta": meta, "index": 3}
+    kw = {"mean": 0.19, "std": 0.22, "channels": channels}
+    as_float = transforms.MultiScaleRandomCrop((8, 16), **kw)
+    as_uint16 = transforms.MultiScaleRandomCrop((8, 16), quantize=True, **kw)
+    for seed in range(12):
+        ref = as_float.random_map(element, np.random.default_rng(seed))
+        out = as_uint16.random_map(element, np.random.default_rng(seed))
+        assert out["index"] == ref["index"]
+        for s in (8, 16):
+            assert out[f"image_{s}"].dtype == np.uint16 and out[f"image_{s}"].shape == (s, s, 1)
+        got = dequantize.dequantize_images(out, _data_cfg(**kw))
+        for s in (8, 16):
+            x = np.asarray(got[f"image_{s}"])
+            assert x.dtype == np.float32 and x.shape == ref[f"image_{s}"].shape
+            np.testing.assert_allclose(x, ref[f"image_{s}"], rtol=0, atol=1e-5 / kw["std"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pipeline_dequantized_matches_float_pipeline(cfg, monkeypatch, channels):
+    """make_pretrain_dataset's uint16 batches, dequantised as the train step does, equal
+    the float32 batches the same pipeline built on the host, within 1e-4 of the range."""
+    cfg.channels = channels
+    shipped = _take(iter(_dataset(cfg)), 3)
+    quantized_crop = transforms.MultiScaleRandomCrop
+
+    def float_crop(*args, quantize, **kw):
+        assert quantize
+        return quantized_crop(*args, quantize=False, **kw)
+
+    monkeypatch.setattr(transforms, "MultiScaleRandomCrop", float_crop)
+    reference = _take(iter(_dataset(cfg)), 3)
+    for batch, ref in zip(shipped, reference):
+        assert batch["image_16"].shape == (4, 16, 16, 1)
+        assert ref["image_16"].shape == (4, 16, 16, channels)
+        got = dequantize.dequantize_images(batch, cfg)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            if k.startswith("image_"):
+                tolerance = 1e-4 * (1 / cfg.norm_std)  # of the normalised [0, 1] range
+                np.testing.assert_allclose(np.asarray(got[k]), ref[k], rtol=0, atol=tolerance)
+            else:
+                np.testing.assert_array_equal(got[k], ref[k])
+
+
+def test_dequantize_images_touches_only_unsigned_images():
+    data_cfg = _data_cfg(0.5, 0.25, 3)
+    floats = np.ones((2, 4, 4, 3), np.float32)
+    batch = {
+        "image_8": np.array([0, 65535], np.uint16).reshape(2, 1, 1, 1),
+        "image": floats,
+        "index": np.arange(2, dtype=np.int32),
+        "label_y": np.array([1, 2], np.uint8),
+    }
+    out = dequantize.dequantize_images(batch, data_cfg)
+    np.testing.assert_allclose(np.asarray(out["image_8"])[:, 0, 0], [[-2] * 3, [2] * 3])
+    assert out["image"] is floats and out["index"] is batch["index"]
+    assert out["label_y"] is batch["label_y"]  # labels are not images
+    assert dequantize.dequantize_images({"image_8": floats}, object())["image_8"] is floats
+    with pytest.raises(ValueError, match="norm_mean"):
+        dequantize.dequantize_images(batch, object())
+    with pytest.raises(ValueError, match="one channel"):
+        dequantize.dequantize_images({"image_8": np.zeros((1, 2, 2, 3), np.uint16)}, data_cfg)
+
+
 # ------------------------------------------------------------ phantom cache
 
 
@@ -288,7 +384,7 @@ def test_batches_shapes_labels_and_determinism(cfg):
     b = batches[0]
     assert set(b) == {"image_8", "image_16", "index", "label_label"}
     assert b["image_8"].shape == (4, 8, 8, 1) and b["image_16"].shape == (4, 16, 16, 1)
-    assert b["image_16"].dtype == np.float32 and b["index"].dtype == np.int32
+    assert b["image_16"].dtype == np.uint16 and b["index"].dtype == np.int32
     src = pipeline.make_source(cfg)
     for batch in batches:
         for idx, label in zip(batch["index"], batch["label_label"]):
@@ -397,7 +493,7 @@ def test_fixed_batch(cfg):
     np.testing.assert_array_equal(fixed["index"], np.arange(5))
     assert fixed["image_16"].shape == (5, 16, 16, 1)
     src = pipeline.make_source(cfg)
-    t = transforms.MultiScaleResize(SCALES, mean=cfg.norm_mean, std=cfg.norm_std)
+    t = transforms.MultiScaleResize(SCALES, mean=cfg.norm_mean, std=cfg.norm_std, quantize=True)
     np.testing.assert_array_equal(fixed["image_8"][3], t.map(src[3])["image_8"])
     again = pipeline.make_fixed_batch(cfg, scales=SCALES, num_images=5, seed=1)
     _assert_batches_equal([fixed], [again])
@@ -438,3 +534,24 @@ def test_pipeline_validation(cfg):
     bad.source = "tfds"
     with pytest.raises(ValueError, match="'phantom' or 'arrayrecord'"):
         _dataset(bad)
+
+
+def test_roi_context_pretrains_on_lesion_crops(tmp_path):
+    """With data.roi_context the pretraining crops come from the lesion window only."""
+    image = np.full((64, 64), 100, np.uint16)
+    image[20:36, 30:46] = 4000  # the "lesion": exactly the 16-px window below
+    meta = {"lesion_center": [28, 38], "lesion_radius_px": 16 / 6, "bits_stored": 12}
+    records.write_shards([(image, meta)] * 8, str(tmp_path), "data", 1)
+    c = pipeline.default_data_config()
+    c.update(source="arrayrecord", dir=str(tmp_path), num_workers=0, num_threads=1)
+    c.update(roi_context=3.0, roi_min_px=16, crop_scale=(0.3, 1.0))
+    batch = _take(iter(pipeline.make_pretrain_dataset(c, scales=SCALES, global_batch_size=4,
+                                                      seed=0)), 1)[0]
+    lesion = transforms.quantize_unit(np.array([[4000.0]]), max_value=4095.0)[0, 0]
+    for key in ("image_8", "image_16"):
+        assert (batch[key] == lesion).all(), key  # no background pixel in any crop
+    fixed = pipeline.make_fixed_batch(c, scales=SCALES, num_images=2, seed=0)
+    assert (fixed["image_16"] == lesion).all()
+    c.roi_min_px = 8  # crops as small as 8 px cannot give 16-px targets from real pixels
+    with pytest.raises(ValueError, match="roi_min_px"):
+        pipeline.make_pretrain_dataset(c, scales=SCALES, global_batch_size=4, seed=0)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from input_pipeline.dequantize import dequantize_images
 from mimjax.models import mae, vit
 
 
@@ -78,9 +79,13 @@ class FigureWriter:
         from input_pipeline import pipeline
 
         self.scales = tuple(config.model.scales)
-        self.images = pipeline.make_fixed_batch(config.data, scales=self.scales,
-                                                num_images=num_images, seed=config.seed)
-        self.images = {k: v for k, v in self.images.items() if k.startswith("image_")}
+        fixed = pipeline.make_fixed_batch(config.data, scales=self.scales,
+                                          num_images=num_images, seed=config.seed)
+        # Normalised once, as the train step does per batch: the figures show what the
+        # model reads.
+        fixed = dequantize_images({k: v for k, v in fixed.items() if k.startswith("image_")},
+                                  config.data)
+        self.images = {k: np.asarray(v) for k, v in fixed.items()}
         objective = config.objectives.get("masked_reconstruction", {})
         self.mask_ratio = float(objective.get("mask_ratio", 0.75))
         self.norm_pix = bool(objective.get("norm_pix_loss", True))
