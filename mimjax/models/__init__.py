@@ -2,9 +2,10 @@
 
 from flax import nnx
 
-from mimjax.models import classifier, mae
+from mimjax.models import classifier, mae, mcr
 
-_BUILDERS = {"mae": mae.build_mae, "vit_classifier": classifier.build_classifier}
+_BUILDERS = {"mae": mae.build_mae, "vit_classifier": classifier.build_classifier,
+             "mcr": mcr.build_mcr}
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:

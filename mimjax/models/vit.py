@@ -136,14 +136,18 @@ class Attention(nnx.Module):
                                    kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask` (B, N), optional: 1/True for tokens that may be attended to (keys);
+        0 for padding. None (the default) attends to every token."""
         cfg = self.cfg
         b, n, _ = x.shape
         head_dim = cfg.width // cfg.num_heads
         split = lambda t: t.reshape(b, n, cfg.num_heads, head_dim)
+        if mask is not None:
+            mask = mask.astype(bool)[:, None, None, :]  # (B, 1, 1, N): per key, all heads
         if cfg.attention == "fused":
             q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-            y = jax.nn.dot_product_attention(q, k, v)
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
             return self.out(y.reshape(b, n, cfg.width))
         # Heads-major layout and q scaled before QK^T: on XLA:CPU the (b, n, h, d)
         # einsums picked a batched-matmul layout ~4x slower (profiled on ViT-B MAE).
@@ -151,6 +155,8 @@ class Attention(nnx.Module):
         q = heads_first(self.query(x) * head_dim**-0.5)
         k, v = heads_first(self.key(x)), heads_first(self.value(x))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
         weights = jnp.exp(logits)
         weights = (weights * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(v.dtype)
@@ -195,14 +201,15 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None,
-                 drop_rate: jax.Array | float = 0.0) -> jax.Array:
-        """`rng` given: each residual branch is dropped per example with `drop_rate`."""
+                 drop_rate: jax.Array | float = 0.0, mask: jax.Array | None = None) -> jax.Array:
+        """`rng` given: each residual branch is dropped per example with `drop_rate`.
+        `mask` (B, N): keys attention may use (see `Attention`)."""
         x = sharding.constrain_batch(x)
         if rng is None:
-            x = x + self.attn(self.norm1(x))
+            x = x + self.attn(self.norm1(x), mask)
             return x + self.mlp(self.norm2(x))
         attn_rng, mlp_rng = jax.random.split(rng)
-        x = x + drop_path(self.attn(self.norm1(x)), attn_rng, drop_rate)
+        x = x + drop_path(self.attn(self.norm1(x), mask), attn_rng, drop_rate)
         return x + drop_path(self.mlp(self.norm2(x)), mlp_rng, drop_rate)
 
 
@@ -221,14 +228,18 @@ class Transformer(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """`rng` (training only) enables drop path when `cfg.drop_path_rate` > 0."""
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """`rng` (training only) enables drop path when `cfg.drop_path_rate` > 0.
+        `mask` (B, N), optional: 1 for real tokens, 0 for padding that no token may
+        attend to (text); None attends to every token."""
         cfg = self.cfg
         if rng is None or cfg.drop_path_rate == 0.0:
-            return self._run(x, lambda block, h: block(h))
+            return self._run(x, lambda block, h: block(h, mask=mask))
         # One key and one rate per block, scanned alongside the stacked layers.
         per_block = (jax.random.split(rng, cfg.depth), jnp.asarray(cfg.drop_path_rates()))
-        return self._run(x, lambda block, h, key, rate: block(h, key, rate), per_block)
+        return self._run(x, lambda block, h, key, rate: block(h, key, rate, mask=mask),
+                         per_block)
 
     def _run(self, x, apply, per_block=()):
         if self.cfg.remat:

@@ -11,11 +11,12 @@ import functools
 
 import jax
 
-from mimjax.objectives import classification, masked_reconstruction
+from mimjax.objectives import classification, masked_reconstruction, mcr
 
 OBJECTIVES = {
     "masked_reconstruction": masked_reconstruction.loss_fn,
     "classification": classification.loss_fn,
+    "mcr": mcr.loss_fn,
 }
 
 
