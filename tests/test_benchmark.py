@@ -50,6 +50,10 @@ def _check_common(r, *, batch, scales):
     assert r["tflops_per_s"] > 0 and r["peak_tflops"] > 0
     assert 0 < r["mfu"] < 1 and 0 < r["model_mfu"] < 1
     assert r["loss"] == r["loss"]  # finite, not NaN
+    memory = r["memory"]  # per device, XLA's analysis; no allocator figures on CPU
+    assert memory["compiled_peak_bytes"] == (memory["compiled_temp_bytes"]
+                                             + memory["compiled_argument_bytes"]) > 0
+    assert memory["device_peak_bytes"] is None
 
 
 def test_pretrain_cli_multiscale(tiny_config, tmp_path):
@@ -133,6 +137,9 @@ def test_help():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
                            "pretrain", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--compare" in proc.stdout and "--image-size" in proc.stdout
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
+                           "mcr", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "two-stream" in proc.stdout and "--batch" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- loader
@@ -219,3 +226,83 @@ def test_loader_record_stage_is_what_the_pipeline_batches(tiny_shards):
             assert element["index"] == batch["index"][row]
             np.testing.assert_array_equal(element["image_32"], batch["image_32"][row])
     it.close()
+
+
+# ----------------------------------------------------------------------------- mcr
+MCR_TINY = [os.path.join(ROOT, "configs", "mcr_demo.py") + ":tiny", "--config.model.depth=1",
+            "--config.model.text.max_length=24", "--config.data.max_text_length=24"]
+# Three models to compile: skip the slow LLVM passes (XLA's FLOP and memory analyses
+# are of the optimised HLO, before them).
+FAST_COMPILE = ["--xla-option", "xla_backend_optimization_level=0",
+                "--xla-option", "xla_llvm_disable_expensive_passes=true"]
+
+
+@pytest.mark.slow  # three train states and steps to build: ~30 s on 2 cores
+def test_mcr_three_rows_and_json(tmp_path, capsys):
+    """MCR, its CLIP baseline and the two-stream variant timed in one run: the table's
+    three columns and two ratio columns, the JSON keys, and what the compiled steps must
+    show (the unmasked contrastive pass costs FLOPs and memory; CLIP has no decoder and
+    no MLM head)."""
+    out = tmp_path / "mcr.json"
+    r = benchmark.main(["mcr", "--config", *MCR_TINY, "--batch", "16", "--steps", "2",
+                        "--windows", "1", "--warmup", "1", "--json", str(out), *FAST_COMPILE])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == r == json.loads(out.read_text())
+    header = next(line for line in printed if "MCR/CLIP" in line).split()
+    assert header == ["MCR", "CLIP", "two-stream", "MCR/CLIP", "MCR/two-stream"]
+    assert any(line.startswith("pairs / s") for line in printed)
+
+    assert r["benchmark"] == "mcr" and r["batch"] == 16 and r["num_devices"] == 8
+    assert (r["image_size"], r["text_length"], r["vocab_size"]) == (32, 24, 256)
+    assert r["peak_source"] == "config peak_tflops_per_device"
+    rows = r["variants"]
+    assert list(rows) == ["mcr", "clip", "two_stream"]
+    for row in rows.values():
+        assert len(row["step_times_s"]) == 1 and row["step_time_s"] > 0
+        assert row["pairs_per_s"] == pytest.approx(16 / row["step_time_s"])
+        assert row["xla_gflops_per_step"] > 0 and row["tflops_per_s"] > 0 and row["mfu"] > 0
+        memory = row["memory"]
+        assert memory["compiled_peak_bytes"] == (memory["compiled_temp_bytes"]
+                                                 + memory["compiled_argument_bytes"]) > 0
+        assert memory["device_peak_bytes"] is None  # the CPU allocator reports none
+        assert row["loss"] == row["loss"]  # finite, not NaN
+    mcr, clip, two = rows["mcr"], rows["clip"], rows["two_stream"]
+    assert (mcr["image_mask_ratio"], mcr["text_mask_ratio"], mcr["itc_inputs"]) == (
+        0.5, 0.25, "masked")
+    assert (clip["image_mask_ratio"], clip["text_mask_ratio"], clip["mim_weight"],
+            clip["mlm_weight"], clip["decoder"], clip["mlm_head"], clip["pooling"]) == (
+        0.0, 0.0, 0.0, 0.0, False, False, "cls")
+    assert two["itc_inputs"] == "unmasked" and two["params_m"] == mcr["params_m"]
+    assert clip["params_m"] < mcr["params_m"]
+    # The second (unmasked) pass of the two-stream design: more FLOPs and temporaries.
+    assert two["xla_gflops_per_step"] > 1.3 * mcr["xla_gflops_per_step"]
+    assert two["memory"]["compiled_temp_bytes"] > mcr["memory"]["compiled_temp_bytes"]
+    for other in ("clip", "two_stream"):
+        ratios = r["ratios"][f"mcr_over_{other}"]
+        assert set(ratios) == set(benchmark._MCR_RATIO_KEYS)
+        assert ratios["pairs_per_s"] == pytest.approx(mcr["pairs_per_s"] / rows[other]["pairs_per_s"])
+        assert ratios["compiled_peak_bytes"] == pytest.approx(
+            mcr["memory"]["compiled_peak_bytes"] / rows[other]["memory"]["compiled_peak_bytes"])
+        assert ratios["device_peak_bytes"] is None
+
+
+def test_mcr_synthetic_batch_contract_and_errors():
+    import numpy as np
+
+    config = benchmark.load_config(MCR_TINY[0], [("model.text.max_length", "24"),
+                                                 ("data.max_text_length", "24")])
+    b = benchmark.synthetic_pairs_batch(config, 32, np.random.default_rng(0), first_index=5)
+    assert b["image"].shape == (32, 32, 32, 1) and b["image"].dtype == np.float32
+    ids, mask = b["text_ids"], b["text_mask"]
+    assert ids.shape == mask.shape == (32, 24) and ids.dtype == mask.dtype == np.int32
+    lengths = mask.sum(1)
+    assert (ids[:, 0] == 2).all() and 12 <= lengths.min() and lengths.max() <= 24
+    assert len(set(lengths.tolist())) > 1  # report lengths vary
+    for row, n in zip(ids, lengths):
+        assert row[n - 1] == 3 and (row[n:] == 0).all() and (row[1:n - 1] >= 5).all()
+    np.testing.assert_array_equal(mask, (ids != 0).astype(np.int32))
+    np.testing.assert_array_equal(b["pair_index"], np.arange(5, 37))
+    with pytest.raises(SystemExit, match="not an MCR setting"):
+        benchmark.main(["mcr", "--config", MCR_TINY[0].replace(":tiny", ":tiny_clip")])
+    with pytest.raises(SystemExit, match="image-text config"):
+        benchmark.main(["mcr", "--config", os.path.join(ROOT, "configs", "demo.py")])

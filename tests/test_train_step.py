@@ -6,15 +6,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
-
-from mimjax import checkpoint, optim, sharding, train
-from mimjax.objectives import build_loss_fn
 from conftest import random_batch as _batch
 from conftest import trainer_config as _config
 from conftest import training_setup
+
+from input_pipeline.dequantize import dequantize_images
+from mimjax import checkpoint, optim, sharding, train
+from mimjax.objectives import build_loss_fn
 
 
 def _setup(mesh_cfg=None, devices=None, **overrides):
@@ -72,6 +74,30 @@ def test_gradient_accumulation_matches_full_batch():
         new, metrics = step(plain, sharding.global_batch(batch, mesh))
     got = jax.tree.map(lambda a, b: a - b, jax.device_get(plain.params), jax.device_get(new.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, expected)
+
+
+def test_prepare_batch_dequantizes_inside_the_step():
+    """The trainer's prepare_batch turns the pipeline's uint16 unit-quantised images into
+    the normalised float32 the model reads, inside the step (per microbatch when
+    accumulating): the same loss and update as the host-normalised float batch."""
+    config, mesh, spec, tx, schedule, state, _, _ = _setup()
+    loss_fn = build_loss_fn(config.objectives)
+    data_cfg = ml_collections.ConfigDict({"norm_mean": 0.2, "norm_std": 0.25, "channels": 1})
+    rng = np.random.default_rng(1)
+    quantized = {k: rng.integers(0, 65536, v.shape, dtype=np.uint16) for k, v in _batch().items()}
+    normalised = {k: ((v / 65535 - 0.2) / 0.25).astype(np.float32) for k, v in quantized.items()}
+    # Accumulating: prepare_batch sees microbatches (rows i::2), not the whole batch.
+    plain = jax.jit(train.make_train_step(spec, tx, loss_fn, schedule, grad_accum_steps=2))
+    prepared = jax.jit(train.make_train_step(
+        spec, tx, loss_fn, schedule, grad_accum_steps=2,
+        prepare_batch=lambda b: dequantize_images(b, data_cfg)))
+    with jax.set_mesh(mesh):
+        expected_state, expected = plain(state, sharding.global_batch(normalised, mesh))
+        got_state, got = prepared(state, sharding.global_batch(quantized, mesh))
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], expected["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(got_state.params), jax.device_get(expected_state.params))
 
 
 def test_ema_tracks_params():

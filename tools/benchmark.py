@@ -2,14 +2,17 @@
 """Throughput benchmarks for mimjax, one subcommand per thing benchmarked.
 
 pretrain
-    Times the real pretraining step (`train.make_train_step`: MAE / MIRAM forward,
-    loss, backward, AdamW update, non-finite guard), jitted and sharded exactly as
-    `train.train_and_evaluate` does, on a synthetic batch already on the devices
-    (no data loading: this measures the model step). Reports compile time, the
+    Times the real pretraining step (`train.make_train_step`: dequantising the
+    pipeline's uint16 images, MAE / MIRAM forward, loss, backward, AdamW update,
+    non-finite guard), jitted and sharded exactly as `train.train_and_evaluate` does,
+    on a synthetic batch in the pipeline's format already on the devices (no data
+    loading: this measures the model step). Reports compile time, the
     steady-state step time (median and mean over several timed windows of
     `--steps` steps each, synchronised only at the end of a window), images/s,
-    achieved TFLOP/s and MFU, as an aligned table and as one JSON object on the
-    last line of stdout (and in `--json OUT`).
+    achieved TFLOP/s and MFU, memory per device ("memory": XLA's analysis of the
+    compiled step, and the allocator's high-water mark where the backend reports
+    it), as an aligned table and as one JSON object on the last line of stdout (and
+    in `--json OUT`).
 
     FLOPs. `xla_gflops_per_step` is XLA's cost analysis of the compiled step (all
     devices together; every op it counts, elementwise included). Next to it,
@@ -46,12 +49,30 @@ pretrain
     environment variable; `--xla-option` passes compile options to the mimjax step
     only.
 
+mcr
+    Times the image-text train step (task "image_text": model and objective "mcr",
+    jitted and sharded as the trainer does, on a fixed batch of synthetic pairs in the
+    pairs pipeline's format already on the devices) for three rows at one batch size,
+    in alternating windows (`time_interleaved`): MCR (the given config: the masked
+    image and report are the only inputs of all three losses), the CLIP-style baseline
+    derived from it (configs.mcr_demo.clip_baseline: no masking, contrastive loss
+    only, no decoder, no MLM head, class-token pooling) and the two-stream variant
+    (objective option itc_inputs="unmasked": the masked pass for the reconstruction
+    losses plus an unmasked pass for the contrastive loss, the design MCR's paper
+    says it saves memory and time against). Reports pairs/s, step time, XLA's FLOP
+    count, TFLOP/s and MFU (peak as for `pretrain`), memory per device (XLA's memory
+    analysis of the compiled step: temporaries + arguments; and the allocator's
+    high-water mark where the backend reports it, i.e. not on CPU) and the ratios
+    MCR/CLIP and MCR/two-stream, as a table and as JSON ("variants", "ratios").
+
 loader
     Records/s of the pretraining input pipeline on ArrayRecord shards (`--data`, or
     the phantom dataset generated once), per worker process and in total, for each
     stage on its own (read: ArrayRecord random access; decode:
     `records.decode_record`; augment: the pretraining transform, random resized crop
-    + flip + normalize to `--size`, one scale; record: the three chained) and for
+    + flip to `--size`, one scale, quantised to the uint16 the workers ship (the
+    normalisation runs on the device, in the train step); record: the three
+    chained) and for
     the grain pipeline of `pipeline.make_pretrain_dataset` end to end with
     mp_prefetch workers, consumed as the trainer does. Every process is pinned to
     one OpenCV / OpenMP thread, so a worker is one core; `--sweep` measures 1..N
@@ -65,6 +86,7 @@ Examples:
         --batch 16 --config.model.dtype=float32 --compare hf
     python tools/benchmark.py pretrain --config configs/miram_vit_b16.py --batch 64 \\
         --config.model.attention=fused --json /tmp/bench.json
+    python tools/benchmark.py mcr --config configs/mcr_demo.py --batch 64 --steps 3
     python tools/benchmark.py loader --sweep
     python tools/benchmark.py loader --data /data/shards --workers 8 --seconds 5
 
@@ -222,9 +244,10 @@ class Timed:
 
 
 def time_interleaved(runners: list[Timed], *, warmup: int, steps: int, windows: int,
-                     log, after_round=None) -> dict[str, dict[str, list[float]]]:
-    """Warm every runner up, then alternate timed windows of `steps` steps between them
-    (calling `after_round()` after each round). With several runners every window
+                     log, after_round=None, after_warmup=None) -> dict[str, dict[str, list[float]]]:
+    """Warm every runner up (calling `after_warmup(runner)` after each runner's warm-up),
+    then alternate timed windows of `steps` steps between them (calling
+    `after_round()` after each round). With several runners every window
     starts with one untimed step: a step allocates and frees its buffers, and memory a
     process freed while the other one ran costs far more to fault back in (measured on
     a 2-core VM: ViT-B 7.5 s/step instead of 6.0 when timed from the first step).
@@ -234,6 +257,8 @@ def time_interleaved(runners: list[Timed], *, warmup: int, steps: int, windows: 
         if warmup:
             seconds = r.run(warmup)
             log(f"[{r.name}] warm-up: {warmup} steps in {seconds:.2f} s")
+        if after_warmup is not None:
+            after_warmup(r)
     times: dict[str, dict[str, list[float]]] = {r.name: {"wall": [], "cpu": []} for r in runners}
     for w in range(windows):
         for r in runners:
@@ -261,18 +286,139 @@ def summarize(times: dict[str, list[float]], batch: int, cores: int) -> dict:
             "cpu_utilization": statistics.fmean(c / w for c, w in zip(times["cpu"], wall)) / cores}
 
 
+# ----------------------------------------------------------------------------- shared
+def describe_devices() -> tuple[list, str, str]:
+    """(devices, platform, a one-line description: the CPU model and cores on CPU)."""
+    import jax
+
+    devices = jax.devices()
+    platform_name = devices[0].platform
+    device = devices[0].device_kind
+    if platform_name == "cpu":
+        device = f"cpu ({_cpu_name()}, {_cores()} cores)"
+    return devices, platform_name, device
+
+
+class PeakMeter:
+    """The peak FLOP/s behind MFU: `--peak-tflops`, else config peak_tflops_per_device,
+    else the best of JAX matmuls timed in this run (`measure()`, called before the
+    timed windows and after each round of them, so that it sees the same background
+    load)."""
+
+    def __init__(self, flag_tflops: float | None, config, dtype: str, log):
+        import jax.numpy as jnp
+
+        self.flag = flag_tflops
+        self.tflops = flag_tflops or config.get("peak_tflops_per_device", None)
+        self.matmul_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+        self.measured: list[float] = []
+        self.log = log
+
+    def measure(self) -> None:
+        from mimjax import perf
+
+        if not self.tflops:
+            self.measured.append(perf.measure_matmul_peak(self.matmul_dtype, repeats=10))
+            self.log(f"[peak] JAX matmul {self.measured[-1] / 1e12:.3f} TFLOP/s")
+
+    def resolve(self, platform_name: str) -> dict:
+        """{"per_device", "total" (FLOP/s), "source"} for the devices of this run."""
+        import jax
+        import jax.numpy as jnp
+
+        num_devices = jax.device_count()
+        if self.tflops:
+            per_device = float(self.tflops) * 1e12
+            source = "--peak-tflops" if self.flag else "config peak_tflops_per_device"
+            return {"per_device": per_device, "total": per_device * num_devices,
+                    "source": source}
+        host_peak = max(self.measured)
+        source = (f"measured: best {jnp.dtype(self.matmul_dtype).name} matmul "
+                  f"(perf.measure_matmul_peak) on one device over {len(self.measured)} "
+                  "measurements between the timed windows")
+        per_device = host_peak
+        if platform_name == "cpu":
+            # Simulated CPU devices share the host's cores: the host peak is the total.
+            per_device = host_peak / jax.local_device_count()
+            if jax.local_device_count() > 1:
+                source += (f"; the {jax.local_device_count()} CPU devices share the host's "
+                           "cores, so per-device peak = measured / device count")
+        return {"per_device": per_device, "total": per_device * num_devices, "source": source}
+
+
+def xla_throughput(compiled, step_time: float, peak_per_device: float) -> dict:
+    """XLA's FLOP count of the compiled step (all devices), TFLOP/s and MFU; None
+    where the backend gives no cost analysis."""
+    import jax
+
+    from mimjax import perf
+
+    flops_per_device = perf.compiled_flops(compiled)
+    if not flops_per_device:
+        return {"xla_gflops_per_step": None, "tflops_per_s": None, "mfu": None}
+    return {"xla_gflops_per_step": flops_per_device * jax.device_count() / 1e9,
+            "tflops_per_s": flops_per_device * jax.device_count() / step_time / 1e12,
+            "mfu": flops_per_device / step_time / peak_per_device}
+
+
+def compiled_memory(compiled) -> dict:
+    """Per-device bytes of the compiled step from XLA's memory analysis: temporaries,
+    arguments (state + batch), outputs, and outputs aliased to donated arguments.
+    `compiled_peak_bytes` = temp + argument: what the step needs on a device at once
+    (the donated state's outputs reuse its buffers). None where unavailable."""
+    keys = ("temp", "argument", "output", "alias")
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        stats = None
+    if stats is None:
+        return {f"compiled_{k}_bytes": None for k in (*keys, "peak")}
+    out = {f"compiled_{k}_bytes": int(getattr(stats, f"{k}_size_in_bytes")) for k in keys}
+    out["compiled_peak_bytes"] = out["compiled_temp_bytes"] + out["compiled_argument_bytes"]
+    return out
+
+
+def device_memory() -> dict:
+    """The first device's allocator figures where the backend reports them (GPU, TPU;
+    None on CPU): peak_bytes_in_use is the process's high-water mark so far."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"device_peak_bytes": stats.get("peak_bytes_in_use"),
+            "device_bytes_in_use": stats.get("bytes_in_use")}
+
+
+def format_rows(rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned table lines: first column left-aligned, the others right-aligned."""
+    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                      enumerate(zip(x, widths))) for x in rows]
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
 # ----------------------------------------------------------------------------- mimjax
-class MimjaxPretrainStep(Timed):
+class MimjaxTrainStep(Timed):
+    """The trainer's step (`train.make_train_step`: `prepare_batch`, loss, backward,
+    AdamW, non-finite guard), jitted and sharded as `train.train_and_evaluate` does,
+    compiled once for a fixed synthetic batch already on the devices. Subclasses say
+    what the batch is (`host_batch`)."""
     name = "mimjax"
 
-    def __init__(self, config, log, compiler_options: dict | None = None):
+    def __init__(self, config, log, compiler_options: dict | None = None, *,
+                 name: str | None = None):
         import jax
         import numpy as np
 
+        from input_pipeline.dequantize import dequantize_images
         from mimjax import optim, sharding, train
         from mimjax.objectives import build_loss_fn
 
         self.jax = jax
+        if name:
+            self.name = name
         mesh = sharding.make_mesh(config.mesh)
         train.validate_config(config, mesh)
         batch_size = config.global_batch_size
@@ -288,27 +434,29 @@ class MimjaxPretrainStep(Timed):
         train_step = train.make_train_step(
             spec, tx, build_loss_fn(config.objectives), schedule,
             grad_accum_steps=config.get("grad_accum_steps", 1),
-            ema_decay=config.get("ema_decay", 0.0))
+            ema_decay=config.get("ema_decay", 0.0),
+            prepare_batch=lambda batch: dequantize_images(batch, config.data))
         step_fn = jax.jit(train_step, donate_argnums=0,
                           out_shardings=(shardings, sharding.replicated(mesh)))
-        rng = np.random.default_rng(0)
         local = batch_size // jax.process_count()
-        channels = config.model.get("channels", 1)
-        host_batch = {f"image_{s}": rng.standard_normal((local, s, s, channels), np.float32)
-                      for s in config.model.scales}
+        host_batch = self.host_batch(config, local, np.random.default_rng(0))
         self.mesh = mesh
         with jax.set_mesh(mesh):
             self.batch = sharding.global_batch(host_batch, mesh)
-            log("[mimjax] compiling the train step ...")
+            log(f"[{self.name}] compiling the train step ...")
             start = time.perf_counter()
             lowered = step_fn.lower(state, self.batch)
             self.lower_s = time.perf_counter() - start
             start = time.perf_counter()
             self.compiled = lowered.compile(compiler_options=compiler_options or None)
             self.compile_s = time.perf_counter() - start
-        log(f"[mimjax] lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s")
+        log(f"[{self.name}] lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s")
         self.state = state
         self.metrics = None
+
+    def host_batch(self, config, local_batch: int, rng) -> dict:
+        """This process's rows of the synthetic batch (numpy, the pipeline's format)."""
+        raise NotImplementedError
 
     def run(self, n: int) -> float:
         with self.jax.set_mesh(self.mesh):
@@ -323,6 +471,18 @@ class MimjaxPretrainStep(Timed):
 
     def last_loss(self) -> float:
         return float(self.metrics["loss"]) if self.metrics is not None else float("nan")
+
+
+class MimjaxPretrainStep(MimjaxTrainStep):
+    """The MAE / MIRAM pretraining step on what pipeline.make_pretrain_dataset ships:
+    unit-quantised uint16, one channel per scale (the step normalises them and repeats
+    the channel to data.channels)."""
+
+    def host_batch(self, config, local_batch: int, rng) -> dict:
+        import numpy as np
+
+        return {f"image_{s}": rng.integers(0, 65536, (local_batch, s, s, 1), dtype=np.uint16)
+                for s in config.model.scales}
 
 
 # ----------------------------------------------------------------------------- HF
@@ -609,18 +769,11 @@ def run_pretrain(args, overrides, log) -> dict:
 
 def _run_pretrain(args, overrides, log, hf_processes: list) -> dict:
     import jax
-    import jax.numpy as jnp
-
-    from mimjax import perf
 
     config = build_pretrain_config(args.config, overrides, args.image_size, args.batch)
     batch = int(config.global_batch_size)
     dtype = config.model.get("dtype", "float32")
-    devices = jax.devices()
-    platform_name = devices[0].platform
-    device = devices[0].device_kind
-    if platform_name == "cpu":
-        device = f"cpu ({_cpu_name()}, {_cores()} cores)"
+    devices, platform_name, device = describe_devices()
     log(f"{len(devices)} x {device}; batch {batch}; scales {list(config.model.scales)}; {dtype}")
 
     runners: list[Timed] = []
@@ -634,17 +787,12 @@ def _run_pretrain(args, overrides, log, hf_processes: list) -> dict:
         hf_processes.append(hf_step)
         runners.append(hf_step)
 
-    # Peak: flag, config, or a matmul timed before the windows and after each round of
-    # them, so that it sees the same background load; the best is kept.
-    peak_tflops = args.peak_tflops or config.get("peak_tflops_per_device", None)
-    matmul_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
-    measured, torch_measured = [], []
+    peak = PeakMeter(args.peak_tflops, config, dtype, log)
+    torch_measured = []
 
     def measure_peak():
-        if not peak_tflops:
-            measured.append(perf.measure_matmul_peak(matmul_dtype, repeats=10))
-            log(f"[peak] JAX matmul {measured[-1] / 1e12:.3f} TFLOP/s")
-        if hf_step is not None and not peak_tflops:  # reference: torch's GEMM on this host
+        peak.measure()
+        if hf_step is not None and not peak.tflops:  # reference: torch's GEMM on this host
             torch_measured.append(hf_step.matmul_peak())
             log(f"[peak] torch matmul {torch_measured[-1] / 1e12:.3f} TFLOP/s")
 
@@ -655,26 +803,9 @@ def _run_pretrain(args, overrides, log, hf_processes: list) -> dict:
     load_after = os.getloadavg()
 
     num_devices = len(devices)
-    if peak_tflops:
-        peak_per_device = float(peak_tflops) * 1e12
-        peak_total = peak_per_device * num_devices
-        source = "--peak-tflops" if args.peak_tflops else "config peak_tflops_per_device"
-    else:
-        host_peak = max(measured)
-        source = (f"measured: best {jnp.dtype(matmul_dtype).name} matmul (perf.measure_matmul_peak)"
-                  f" on one device over {len(measured)} measurements between the timed windows")
-        if platform_name == "cpu":
-            # Simulated CPU devices share the host's cores: the host peak is the total.
-            peak_per_device = host_peak / jax.local_device_count()
-            peak_total = peak_per_device * num_devices
-            if jax.local_device_count() > 1:
-                source += (f"; the {jax.local_device_count()} CPU devices share the host's "
-                           "cores, so per-device peak = measured / device count")
-        else:
-            peak_per_device, peak_total = host_peak, host_peak * num_devices
-
+    resolved = peak.resolve(platform_name)
+    peak_per_device, peak_total = resolved["per_device"], resolved["total"]
     mimjax = summarize(per_step["mimjax"], batch, _cores())
-    xla_flops_per_device = perf.compiled_flops(mimjax_step.compiled)
     objective = config.objectives.get("masked_reconstruction", {})
     mask_ratio = objective.get("mask_ratio", 0.75)
     counts = model_flops_per_image(config.model, mask_ratio)
@@ -698,25 +829,23 @@ def _run_pretrain(args, overrides, log, hf_processes: list) -> dict:
         "warmup_steps": args.warmup, "steps_per_window": args.steps, "windows": args.windows,
         **mimjax,
         "loss": mimjax_step.last_loss(),
-        "xla_gflops_per_step": (xla_flops_per_device * num_devices / 1e9
-                                if xla_flops_per_device else None),
+        **xla_throughput(mimjax_step.compiled, step_time, peak_per_device),
         "model_gflops_per_step": model_flops / 1e9,
         "model_gflops_per_image_fwd": {
             "encoder": counts["encoder"] / 1e9,
             **{f"decoder_{s}": f / 1e9 for s, f in counts["decoders"].items()}},
-        "tflops_per_s": None, "model_tflops_per_s": model_flops / step_time / 1e12,
+        "model_tflops_per_s": model_flops / step_time / 1e12,
         "peak_tflops": peak_total / 1e12, "peak_tflops_per_device": peak_per_device / 1e12,
-        "peak_source": source,
-        "peak_tflops_measured": [m / 1e12 for m in measured],
-        "mfu": None, "model_mfu": model_flops / step_time / peak_total,
+        "peak_source": resolved["source"],
+        "peak_tflops_measured": [m / 1e12 for m in peak.measured],
+        "model_mfu": model_flops / step_time / peak_total,
+        # Per device: XLA's analysis of the compiled step; the allocator's high-water mark.
+        "memory": {**compiled_memory(mimjax_step.compiled), **device_memory()},
         "host_load_avg": [load_before[0], load_after[0]],  # 1-min, before / after timing
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_options": parse_xla_options(args.xla_option),
         "versions": {"jax": jax.__version__},
     }
-    if xla_flops_per_device:
-        result["tflops_per_s"] = xla_flops_per_device * num_devices / step_time / 1e12
-        result["mfu"] = xla_flops_per_device / step_time / peak_per_device
     if hf_step is not None:
         hf = summarize(per_step["hf"], batch, _cores())
         hf_counts = model_flops_per_image(_base_scale_model(config), mask_ratio)
@@ -772,14 +901,14 @@ def format_pretrain_table(r: dict) -> str:
         f"{100 * hf['model_mfu']:.1f}%" if hf else None)
     row("CPU utilisation", f"{100 * r['cpu_utilization']:.0f}%",
         f"{100 * hf['cpu_utilization']:.0f}%" if hf else None)
+    row("memory, compiled (MiB/dev)", _mib(r["memory"]["compiled_peak_bytes"]), None)
+    row("memory, device peak (MiB)", _mib(r["memory"]["device_peak_bytes"]), None)
     row("compile (s)", r["compile_s"], None, "{:.1f}")
     row("final loss", r["loss"], hf.get("loss"), "{:.4f}")
-    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     lines = [f"pretrain | {r['config']}",
-             f"{r['num_devices']} x {r['device']} | mesh {r['mesh']} | {r['dtype']} | batch "
-             f"{r['batch']} | scales {r['scales']} | attention {r['attention']}"]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                        enumerate(zip(x, widths))) for x in rows]
+             (f"{r['num_devices']} x {r['device']} | mesh {r['mesh']} | {r['dtype']} | batch "
+              f"{r['batch']} | scales {r['scales']} | attention {r['attention']}")]
+    lines += format_rows(rows)
     lines.append(f"peak {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})")
     if hf:
         torch_peak = (f"; torch's own 2048^3 matmul: {hf['torch_matmul_tflops']:.3f} TFLOP/s"
@@ -788,6 +917,267 @@ def format_pretrain_table(r: dict) -> str:
                      f"attention, {hf['dtype']}, {hf['threads']} torch threads{torch_peak})")
         if "note" in hf:
             lines.append(hf["note"])
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- mcr
+# Rows of the mcr benchmark: name -> (table label, what it runs).
+MCR_VARIANTS = {
+    "mcr": ("MCR", ("the given config: masked image and report are the only inputs of the "
+                    "contrastive, masked image and masked language losses (one pass)")),
+    "clip": ("CLIP", ("configs.mcr_demo.clip_baseline of it: unmasked inputs, contrastive "
+                      "loss only, no decoder, no MLM head, class-token pooling")),
+    "two_stream": ("two-stream", ("it with objectives.mcr.itc_inputs='unmasked': a masked "
+                                  "pass for the reconstruction losses plus an unmasked pass "
+                                  "for the contrastive loss")),
+}
+
+
+def add_mcr_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mcr", help="time MCR against its CLIP and two-stream baselines (synthetic pairs)",
+        description="Time the image-text train step of an MCR config, of the CLIP-style "
+                    "baseline derived from it and of the two-stream variant, at one batch "
+                    "size, in alternating windows: pairs/s, step time, TFLOP/s, MFU, memory "
+                    "and the ratios MCR/CLIP and MCR/two-stream. Config overrides: "
+                    "--config.KEY=VALUE (any number), applied before the variants are "
+                    "derived.")
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                   help="an image-text config (task 'image_text', model and objective "
+                        "'mcr'), e.g. configs/mcr_demo.py")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch size, pairs (default: config.global_batch_size)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=3, help="timed windows per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default: %(default)s)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s per device for MFU (default: config "
+                        "peak_tflops_per_device, else a matmul measured in this run)")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="XLA debug option for compiling the steps (repeatable)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the JSON here")
+    p.set_defaults(run=run_mcr)
+
+
+def mcr_variant_configs(config) -> dict:
+    """{"mcr": the config, "clip": its CLIP-style baseline, "two_stream": its two-stream
+    variant}, each a separate copy. The config must be an MCR setting (image masking,
+    masked contrastive inputs)."""
+    from configs.mcr_demo import clip_baseline
+    from mimjax import train
+
+    try:
+        task = train.task_of(config)
+    except ValueError as e:
+        raise SystemExit(f"--config: {e}") from None
+    if task != "image_text":
+        raise SystemExit(f"--config: the mcr benchmark needs an image-text config (task "
+                         f"'image_text', model 'mcr'), got task {task!r}; e.g. "
+                         "configs/mcr_demo.py.")
+    objective = config.objectives.mcr
+    image_ratio = objective.get("image_mask_ratio", 0.5)
+    itc_inputs = objective.get("itc_inputs", "masked")
+    if not image_ratio > 0 or itc_inputs != "masked":
+        raise SystemExit(
+            f"--config: objectives.mcr has image_mask_ratio {image_ratio} and itc_inputs "
+            f"{itc_inputs!r}, not an MCR setting (image_mask_ratio > 0, itc_inputs "
+            "'masked'); the CLIP and two-stream rows are derived from the MCR config, so "
+            "pass that one (e.g. configs/mcr_demo.py, not :clip).")
+    variants = {name: config.copy_and_resolve_references() for name in MCR_VARIANTS}
+    clip_baseline(variants["clip"])
+    with variants["two_stream"].objectives.mcr.unlocked():
+        variants["two_stream"].objectives.mcr.itc_inputs = "unmasked"
+    return variants
+
+
+def synthetic_pairs_batch(config, batch_size: int, rng, first_index: int = 0) -> dict:
+    """A batch of the pairs pipeline's contract (input_pipeline.pairs): "image" float32
+    [B, S, S, C] (normalised: standard normal), "text_ids" int32 [B, L] = [CLS], random
+    regular tokens, [SEP], then [PAD], with report lengths uniform from half of L to L,
+    "text_mask" int32 [B, L] (1 = real token), "pair_index" int32 [B]."""
+    import numpy as np
+
+    from mimjax.models import text
+
+    model = config.model
+    size, channels = int(model.image_size), int(model.get("channels", 1))
+    vocab = int(model.text.vocab_size)
+    length = int(config.data.get("max_text_length", None) or model.text.max_length)
+    if length > int(model.text.max_length):
+        raise SystemExit(f"data.max_text_length {length} exceeds model.text.max_length "
+                         f"{model.text.max_length}; make them equal.")
+    ids = np.zeros((batch_size, length), np.int32)
+    words = rng.integers(max(1, length // 2), length - 2, size=batch_size, endpoint=True)
+    for row, n in enumerate(words):
+        ids[row, 0] = text.CLS_ID
+        ids[row, 1:1 + n] = rng.integers(text.NUM_SPECIAL_TOKENS, vocab, size=n)
+        ids[row, 1 + n] = text.SEP_ID
+    return {"image": rng.standard_normal((batch_size, size, size, channels), np.float32),
+            "text_ids": ids, "text_mask": (ids != text.PAD_ID).astype(np.int32),
+            "pair_index": np.arange(first_index, first_index + batch_size, dtype=np.int32)}
+
+
+class ImageTextStep(MimjaxTrainStep):
+    """The image-text (MCR) train step on a fixed batch of synthetic pairs."""
+
+    def host_batch(self, config, local_batch: int, rng) -> dict:
+        first = self.jax.process_index() * local_batch
+        return synthetic_pairs_batch(config, local_batch, rng, first_index=first)
+
+
+def _variant_settings(config) -> dict:
+    objective, model = config.objectives.mcr, config.model
+    return {"image_mask_ratio": objective.get("image_mask_ratio", 0.5),
+            "text_mask_ratio": objective.get("text_mask_ratio", 0.25),
+            "itc_inputs": objective.get("itc_inputs", "masked"),
+            "mim_weight": objective.get("mim_weight", 1.0),
+            "mlm_weight": objective.get("mlm_weight", 1.0),
+            "pooling": model.get("pooling", "map_then_mean"),
+            "decoder": model.get("decoder", None) is not None,
+            "mlm_head": bool(model.text.get("mlm_head", True))}
+
+
+# Figures compared as MCR / other: (key in the row or its "memory", where).
+_MCR_RATIO_KEYS = ("pairs_per_s", "step_time_s", "xla_gflops_per_step", "tflops_per_s",
+                   "compiled_peak_bytes", "compiled_temp_bytes", "device_peak_bytes",
+                   "params_m")
+
+
+def _figure(row: dict, key: str):
+    return row["memory"][key] if key in row["memory"] else row.get(key)
+
+
+def mcr_ratios(mine: dict, other: dict) -> dict:
+    """{figure: mine / other} (None where either is missing or zero)."""
+    out = {}
+    for key in _MCR_RATIO_KEYS:
+        a, b = _figure(mine, key), _figure(other, key)
+        out[key] = a / b if a is not None and b else None
+    return out
+
+
+def run_mcr(args, overrides, log) -> dict:
+    import jax
+
+    for name in ("--steps", "--windows"):
+        if getattr(args, name[2:]) < 1:
+            raise SystemExit(f"{name} must be >= 1, got {getattr(args, name[2:])}.")
+    config = build_pretrain_config(args.config, overrides, None, args.batch)
+    variants = mcr_variant_configs(config)
+    batch = int(config.global_batch_size)
+    dtype = config.model.get("dtype", "float32")
+    devices, platform_name, device = describe_devices()
+    log(f"{len(devices)} x {device}; batch {batch} pairs; image {config.model.image_size} px; "
+        f"{dtype}")
+    compiler_options = parse_xla_options(args.xla_option)
+    runners = [ImageTextStep(cfg, log, compiler_options, name=name)
+               for name, cfg in variants.items()]
+
+    peak = PeakMeter(args.peak_tflops, config, dtype, log)
+    peak.measure()
+    device_memory_after_warmup = {}
+    load_before = os.getloadavg()
+    per_step = time_interleaved(
+        runners, warmup=args.warmup, steps=args.steps, windows=args.windows, log=log,
+        after_round=peak.measure,
+        after_warmup=lambda r: device_memory_after_warmup.__setitem__(r.name, device_memory()))
+    load_after = os.getloadavg()
+    resolved = peak.resolve(platform_name)
+
+    rows = {}
+    for runner in runners:
+        timing = summarize(per_step[runner.name], batch, _cores())
+        timing["pairs_per_s"] = timing.pop("img_per_s")
+        label, description = MCR_VARIANTS[runner.name]
+        rows[runner.name] = {
+            "label": label, "description": description,
+            **_variant_settings(variants[runner.name]),
+            "params_m": runner.num_params / 1e6, "init_s": runner.init_s,
+            "lower_s": runner.lower_s, "compile_s": runner.compile_s,
+            **timing, "loss": runner.last_loss(),
+            **xla_throughput(runner.compiled, timing["step_time_s"], resolved["per_device"]),
+            "memory": {**compiled_memory(runner.compiled),
+                       **device_memory_after_warmup[runner.name]},
+        }
+    text_cfg = config.model.text
+    return {
+        "benchmark": "mcr",
+        "config": " ".join([args.config] + [f"--config.{k}={v}" for k, v in overrides]),
+        "device": device, "platform": platform_name, "num_devices": len(devices),
+        "cpu_threads": _cores() if platform_name == "cpu" else None,
+        "mesh": dict(runners[0].mesh.shape), "dtype": dtype, "batch": batch,
+        "image_size": int(config.model.image_size),
+        "text_length": int(config.data.get("max_text_length", None) or text_cfg.max_length),
+        "vocab_size": int(text_cfg.vocab_size),
+        "warmup_steps": args.warmup, "steps_per_window": args.steps, "windows": args.windows,
+        "variants": rows,
+        "ratios": {f"mcr_over_{other}": mcr_ratios(rows["mcr"], rows[other])
+                   for other in ("clip", "two_stream")},
+        "peak_tflops": resolved["total"] / 1e12,
+        "peak_tflops_per_device": resolved["per_device"] / 1e12,
+        "peak_source": resolved["source"],
+        "peak_tflops_measured": [m / 1e12 for m in peak.measured],
+        "host_load_avg": [load_before[0], load_after[0]],  # 1-min, before / after timing
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_options": compiler_options,
+        "versions": {"jax": jax.__version__},
+    }
+
+
+def format_mcr_table(r: dict) -> str:
+    names = list(MCR_VARIANTS)
+    rows_by_name = r["variants"]
+    ratio_keys = ("mcr_over_clip", "mcr_over_two_stream")
+    rows = [("", *(MCR_VARIANTS[n][0] for n in names), "MCR/CLIP", "MCR/two-stream")]
+
+    def show(value, fmt):
+        if value is None:
+            return "n/a"
+        return value if isinstance(value, str) else fmt.format(value)
+
+    def row(label, key=None, fmt="{:.2f}", values=None, ratio=True):
+        values = values or [_figure(rows_by_name[n], key) for n in names]
+        ratios = [r["ratios"][k][key] if ratio else None for k in ratio_keys]
+        rows.append((label, *(show(v, fmt) for v in values),
+                     *("" if not ratio else show(x, "{:.2f}x") for x in ratios)))
+
+    row("pairs / s", "pairs_per_s")
+    row("step time median (s)", "step_time_s", "{:.4f}")
+    row("step time min..max (s)", values=[
+        f"{rows_by_name[n]['step_time_min_s']:.4f}..{rows_by_name[n]['step_time_max_s']:.4f}"
+        for n in names], ratio=False)
+    row("XLA GFLOP / step", "xla_gflops_per_step", "{:.1f}")
+    row("achieved TFLOP/s (XLA)", "tflops_per_s", "{:.3f}")
+    row("MFU (XLA FLOPs)", values=[
+        None if rows_by_name[n]["mfu"] is None else f"{100 * rows_by_name[n]['mfu']:.1f}%"
+        for n in names], ratio=False)
+    row("memory, compiled (MiB/dev)", values=[
+        _mib(rows_by_name[n]["memory"]["compiled_peak_bytes"]) for n in names],
+        key="compiled_peak_bytes")
+    row("  of which temporaries", values=[
+        _mib(rows_by_name[n]["memory"]["compiled_temp_bytes"]) for n in names],
+        key="compiled_temp_bytes")
+    row("memory, device peak (MiB)", values=[
+        _mib(rows_by_name[n]["memory"]["device_peak_bytes"]) for n in names],
+        key="device_peak_bytes")
+    row("parameters (M)", "params_m")
+    row("CPU utilisation", values=[f"{100 * rows_by_name[n]['cpu_utilization']:.0f}%"
+                                   for n in names], ratio=False)
+    row("compile (s)", "compile_s", "{:.1f}", ratio=False)
+    row("final loss", "loss", "{:.4f}", ratio=False)
+    lines = [f"mcr | {r['config']}",
+             (f"{r['num_devices']} x {r['device']} | mesh {r['mesh']} | {r['dtype']} | batch "
+              f"{r['batch']} pairs | image {r['image_size']} px | text {r['text_length']} "
+              f"tokens | vocab {r['vocab_size']}")]
+    lines += format_rows(rows)
+    lines.append(f"peak {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']}); host load "
+                 f"{r['host_load_avg'][0]:.2f} -> {r['host_load_avg'][1]:.2f}")
+    lines.append("memory, compiled: XLA's analysis of each step per device (temporaries + "
+                 "arguments: state and batch). device peak: the allocator's high-water mark "
+                 "after each row's warm-up (all three states resident, rows warmed up in "
+                 "table order), where the backend reports it")
+    for name in names:
+        lines.append(f"{MCR_VARIANTS[name][0]}: {MCR_VARIANTS[name][1]}")
     return "\n".join(lines)
 
 
@@ -804,8 +1194,9 @@ def add_loader_parser(subparsers) -> None:
         "loader", help="time the input pipeline: read, decode, augment, grain end to end",
         description="Records/s of the pretraining input pipeline, per worker process (one "
                     "core each) and in total: ArrayRecord reads, record decoding, the "
-                    "augmentation (random resized crop + flip + normalize to --size, the "
-                    "pretraining transform with one scale), the three chained, and the "
+                    "augmentation (random resized crop + flip to --size, quantised to "
+                    "uint16: the pretraining transform with one scale), the three "
+                    "chained, and the "
                     "grain pipeline of pipeline.make_pretrain_dataset with mp_prefetch "
                     "workers. Stages run in --workers processes at once (each pinned to "
                     "one OpenCV / OpenMP thread); --sweep repeats everything for 1..N.")
@@ -898,13 +1289,15 @@ def _describe_records(paths: list[str]) -> dict:
 
 
 def _loader_transform_settings(size: int) -> dict:
-    """Keyword arguments of the pretraining augmentation (pipeline defaults), one scale."""
+    """Keyword arguments of the pretraining augmentation (pipeline defaults), one scale,
+    with the uint16 output pipeline.make_pretrain_dataset ships."""
     from input_pipeline import pipeline
 
     c = pipeline.default_data_config()
     return {"scales": (size,), "crop_scale": tuple(c.crop_scale),
             "crop_ratio": tuple(c.crop_ratio), "hflip": bool(c.hflip),
-            "mean": float(c.norm_mean), "std": float(c.norm_std), "channels": int(c.channels)}
+            "mean": float(c.norm_mean), "std": float(c.norm_std), "channels": int(c.channels),
+            "quantize": True}
 
 
 def _time_loop(fn, seconds: float) -> dict:
@@ -1214,15 +1607,13 @@ def format_loader_table(r: dict) -> str:
                          f"{m['per_worker']:.0f}", f"{m['total']:.0f}",
                          "n/a" if scaling is None else f"{100 * scaling:.0f}%",
                          "n/a" if per_cpu is None else f"{per_cpu:.0f}"))
-    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
     shape = "x".join(str(s) for s in r["image_shape"])
     lines = [(f"loader | {r['data']} | {r['num_records']} records, {shape} {r['dtype']}, "
               f"{r['compression']}, {r['record_kb']:.0f} KiB each"),
              (f"random resized crop {r['crop_scale'][0]:g}-{r['crop_scale'][1]:g}"
-              f"{' + flip' if r['hflip'] else ''} + normalize -> {r['size']} | batch "
+              f"{' + flip' if r['hflip'] else ''} -> {r['size']} uint16 | batch "
               f"{r['batch']} | {r['device']} | {r['seconds_per_measurement']:g} s each")]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                        enumerate(zip(x, widths))) for x in rows]
+    lines += format_rows(rows)
     lines.append("read: ArrayRecord random access; decode: records.decode_record; augment: the "
                  "transform alone; record: the three chained; pipeline: make_pretrain_dataset "
                  "with mp_prefetch workers, as the trainer sees it. per CPU-second: records per "
@@ -1244,6 +1635,7 @@ def format_loader_table(r: dict) -> str:
 SUBCOMMANDS = {
     # name: (add_parser(subparsers), format(result) -> str)
     "pretrain": (add_pretrain_parser, format_pretrain_table),
+    "mcr": (add_mcr_parser, format_mcr_table),
     "loader": (add_loader_parser, format_loader_table),
 }
 
@@ -1265,7 +1657,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = split_config_overrides(unknown)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     result = args.run(args, overrides, log)
-    if args.command == "pretrain" and sys.modules["jax"].process_index() != 0:
+    if args.command in ("pretrain", "mcr") and sys.modules["jax"].process_index() != 0:
         return result  # multi-host: the first process reports
     text = json.dumps(result, sort_keys=False)
     print(SUBCOMMANDS[args.command][1](result), flush=True)
