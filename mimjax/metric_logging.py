@@ -32,7 +32,8 @@ class MetricWriter:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
-            self._tb.add_scalar(key, float(value), global_step=int(step))
+            # TensorBoard tag names allow no "@" (e.g. "retrieval/i2t_R@1").
+            self._tb.add_scalar(key.replace("@", "_at_"), float(value), global_step=int(step))
 
     def close(self) -> None:
         if self.enabled:

@@ -11,7 +11,12 @@ pure loss functions chosen by config.
 - "classification" (model "vit_classifier", objective "classification"): the
   fine-tuning pipeline (input_pipeline.finetune), val evals with the best
   parameters kept in WORKDIR/best/, and a test eval of those at the end
-  (mimjax.evaluators.classifier_eval).
+  (mimjax.evaluators.classifier_eval);
+- "image_text" (model "mcr", objective "mcr"): image-report pairs
+  (input_pipeline.pairs), the tokenizer copied to WORKDIR/tokenizer.json, and
+  retrieval evals on the val split (mimjax.evaluators.retrieval).
+Pretraining can also run a linear probe (`config.evals.linear_probe`,
+mimjax.evaluators.probe_hooks) so its curves show probe quality over time.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mimjax import checkpoint, metric_logging, optim, perf, pretrained, sharding
-from mimjax.evaluators import classifier_eval, reconstruction
+from input_pipeline.dequantize import dequantize_images
+from mimjax import checkpoint, inference, metric_logging, optim, perf, pretrained, sharding
+from mimjax.evaluators import classifier_eval, probe_hooks, reconstruction, retrieval
 from mimjax.models import build_model
 from mimjax.objectives import build_loss_fn
 
@@ -129,10 +135,16 @@ def rules_from(config):
 
 # --------------------------------------------------------------------------- step
 def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
-                    grad_accum_steps: int = 1, ema_decay: float = 0.0):
-    """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable."""
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    prepare_batch: Callable[[dict], dict] | None = None):
+    """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
+
+    `prepare_batch(batch) -> batch` runs in the step before the loss, per microbatch
+    (e.g. dequantising compact host images into model inputs on the device)."""
 
     def loss_of(params, batch, rng):
+        if prepare_batch is not None:
+            batch = prepare_batch(batch)
         return loss_fn(spec.bind(params), batch, rng)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -190,7 +202,8 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
 
 
 # --------------------------------------------------------------------------- loop
-TASKS = ("pretrain", "classification")
+TASKS = ("pretrain", "classification", "image_text")
+_TASK_MODEL = {"classification": "vit_classifier", "image_text": "mcr"}  # else: pretraining
 
 
 def task_of(config) -> str:
@@ -198,15 +211,20 @@ def task_of(config) -> str:
     task = config.get("task", "pretrain")
     if task not in TASKS:
         raise ValueError(f"config.task must be one of {TASKS}, got {task!r}.")
-    is_classifier = config.model.name == "vit_classifier"
-    if (task == "classification") != is_classifier:
+    model = config.model.name
+    needs = _TASK_MODEL.get(task)
+    if (needs is not None and model != needs) or (
+            needs is None and model in _TASK_MODEL.values()):
         raise ValueError(
-            f"config.task {task!r} does not fit model.name {config.model.name!r}: task "
-            "'classification' trains model 'vit_classifier', task 'pretrain' a pretraining "
+            f"config.task {task!r} does not fit model.name {model!r}: task 'classification' "
+            "trains model 'vit_classifier', 'image_text' model 'mcr', 'pretrain' a pretraining "
             "model (e.g. 'mae'); set both consistently.")
     if task == "classification" and "classification" not in config.objectives:
         raise ValueError("config.task 'classification' needs config.objectives.classification "
                          "(label_key, multilabel, ...); see configs/finetune_base.py.")
+    if task == "image_text" and "mcr" not in config.objectives:
+        raise ValueError("config.task 'image_text' needs config.objectives.mcr; see "
+                         "configs/mcr_demo.py.")
     return task
 
 
@@ -222,6 +240,14 @@ def make_train_data(config, task: str):
             label_keys=(label_key.removeprefix("label_"),),
             process_index=jax.process_index(), process_count=jax.process_count())
         return dataset, len(finetune.split_source(config.data, "train"))
+    if task == "image_text":
+        from input_pipeline import pairs
+
+        dataset = pairs.make_pairs_train_dataset(
+            config.data, image_size=config.model.image_size,
+            global_batch_size=config.global_batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        return dataset, pairs.num_pairs(config.data, "train")
     from input_pipeline import pipeline  # grain import kept off the model/test paths
 
     dataset = pipeline.make_pretrain_dataset(
@@ -290,10 +316,49 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return out
 
 
+def _retrieval_eval_batches(config, workdir: str):
+    """The val pairs as the retrieval hook's batches (with report strings and
+    finding labels), and the tokenizer saved beside the checkpoints."""
+    import shutil
+
+    from input_pipeline import pairs
+
+    if jax.process_index() == 0:  # the checkpoint's text side needs its tokenizer
+        shutil.copyfile(pairs.tokenizer_path(config.data),
+                        os.path.join(workdir, "tokenizer.json"))
+    eval_pairs = pairs.make_eval_pairs(
+        config.data, "val", image_size=config.model.image_size,
+        batch_size=int(config.get("eval_batch_size", None) or config.global_batch_size))
+
+    def batches():
+        for batch in eval_pairs:
+            index = batch["pair_index"]
+            yield dict(batch, findings=batch["finding_labels"],
+                       report=[eval_pairs.reports[i] if i >= 0 else "" for i in index])
+
+    log.info("Retrieval evals on %d val pairs (strict R@1 ceiling from repeated findings: "
+             "%.3f)", eval_pairs.num_pairs, eval_pairs.recall_at_1_ceiling())
+    return batches
+
+
+def make_hooks(config, task: str, spec, mesh, workdir: str, writer) -> list:
+    """The eval hooks of the run: `due`, `after_step`, `finish`, `close` each."""
+    hooks = []
+    if task == "classification":
+        hooks.append(classifier_eval.ClassificationHooks(config, spec, mesh, workdir, writer))
+    elif task == "image_text":
+        hooks.append(retrieval.RetrievalHooks(config, spec, mesh, workdir, writer,
+                                              _retrieval_eval_batches(config, workdir)))
+    if config.get("evals", None) and config.evals.get("linear_probe", None):
+        hooks.append(probe_hooks.LinearProbeHooks(config, spec, workdir, writer))
+    return hooks
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains per `config`, resuming from `workdir` if it holds a checkpoint.
     Returns the last logged metrics."""
     os.makedirs(workdir, exist_ok=True)
+    inference.save_run_config(config, workdir)  # the architecture, for export and inference
     is_chief = jax.process_index() == 0
     task = task_of(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -326,14 +391,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     train_step = make_train_step(
         spec, tx, build_loss_fn(config.objectives), schedule,
-        grad_accum_steps=config.get("grad_accum_steps", 1), ema_decay=config.get("ema_decay", 0.0))
+        grad_accum_steps=config.get("grad_accum_steps", 1), ema_decay=config.get("ema_decay", 0.0),
+        prepare_batch=lambda batch: dequantize_images(batch, config.data))
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
     writer = metric_logging.MetricWriter(workdir)
-    figures = evals = None
-    if task == "classification":
-        evals = classifier_eval.ClassificationHooks(config, spec, mesh, workdir, writer)
-    else:
-        figures = reconstruction.FigureWriter(config, spec, workdir)
+    figures = reconstruction.FigureWriter(config, spec, workdir) if task == "pretrain" else None
+    hooks = make_hooks(config, task, spec, mesh, workdir, writer)
     stop = _StopRequest()
     max_streak = config.get("max_consecutive_nonfinite", 10)
     last_metrics: dict[str, float] = {}
@@ -386,8 +449,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 window_start = time.perf_counter()
             if figures and (step % config.figure_every == 0 or step == total_steps):
                 figures.write(step, state.params)
-            if evals and evals.due(step, total_steps):
-                last_metrics.update(evals.after_step(step, state))
+            for hook in hooks:
+                if hook.due(step, total_steps):
+                    last_metrics.update(hook.after_step(step, state))
             # Save before fetching the next batch: the saved iterator position must be
             # the first batch the resumed run has not trained on.
             ckpt.save(step, state, data_iter, force=stop_now)
@@ -402,12 +466,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 data_wait += waited
                 data_wait_max = max(data_wait_max, waited)
                 batch = sharding.global_batch(_numeric_arrays(host_batch), mesh)
-        if evals and step >= total_steps:
-            evals.finish(state, abstract_state.params, shardings.params,
-                         trained=step > start_step)
+        if step >= total_steps:
+            for hook in hooks:
+                hook.finish(state, abstract_state.params, shardings.params,
+                            trained=step > start_step)
     ckpt.close()
-    if evals:
-        evals.close()
+    for hook in hooks:
+        hook.close()
     writer.close()
     if hasattr(data_iter, "close"):
         data_iter.close()  # stops prefetch workers and frees their shared memory

@@ -82,3 +82,43 @@ def test_experiment_config_compares_equal_budgets():
     assert demo_scale.pretrain.miram.data.phantom_seed != demo_scale.finetune.pathology.data.phantom_seed
     paper = module.get_config("/data/cbis_prepared")
     assert paper.pretrain.miram.data.dir == "/data/cbis_prepared/train"
+
+
+def test_mcr_mimic_cxr_paper_setup():
+    module = importlib.import_module("configs.mcr_mimic_cxr")
+    doc = module.__doc__
+    assert "python main.py --config configs/mcr_mimic_cxr.py:PREPARED_DIR" in doc
+    assert "tools/prepare_data.py --builder mimic_cxr" in doc
+    assert "Expected wall time" in doc and "Expected result" in doc
+    placeholder = module.get_config()
+    assert placeholder.data.dir == "data/mimic_cxr_prepared"
+    config = module.get_config("/data/mimic_prepared")
+    assert config.task == "image_text" and config.model.name == "mcr"
+    data = config.data
+    assert (data.source, data.dir, tuple(data.view_groups)) == (
+        "arrayrecord", "/data/mimic_prepared", ("frontal",))
+    text_cfg = config.model.text
+    assert text_cfg.vocab_size == data.vocab_size and 30000 <= data.vocab_size <= 31000
+    assert text_cfg.max_length == data.max_text_length
+    assert (text_cfg.width, text_cfg.depth, text_cfg.num_heads) == (768, 12, 12)
+    assert list(config.objectives) == ["mcr"]
+    mcr = config.objectives.mcr
+    assert (mcr.image_mask_ratio, mcr.text_mask_ratio, mcr.loss) == (0.5, 0.25, "infonce")
+    assert mcr.itc_inputs == "masked" and min(mcr.mim_weight, mcr.mlm_weight) > 0
+    assert (config.model.variant, config.model.image_size, config.model.dtype) == (
+        "B/16", 224, "bfloat16")
+    assert config.model.projection_dim == 512 and config.global_batch_size == 512
+    assert config.total_epochs > 0 and config.warmup_epochs > 0 and config.eval_every > 0
+    model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert 85e6 < count(model.encoder) < 86e6  # ViT-B/16, 1 channel
+    assert 100e6 < count(model.text_encoder) < 115e6  # BERT-base-sized with a 30k vocabulary
+    assert len(model.decoders) == 1 and model.mlm_head is not None
+    assert model.vocab_size == data.vocab_size
+    # The baselines on the same data: ",clip" (no masking, contrastive only), ",two_stream".
+    clip = module.get_config("/data/mimic_prepared,clip")
+    assert clip.data.dir == "/data/mimic_prepared" and clip.model.decoder is None
+    assert (clip.objectives.mcr.image_mask_ratio, clip.objectives.mcr.mlm_weight) == (0.0, 0.0)
+    assert module.get_config(",two_stream").objectives.mcr.itc_inputs == "unmasked"
+    with pytest.raises(ValueError, match="clip"):
+        module.get_config("/data/mimic_prepared,huge")

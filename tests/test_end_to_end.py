@@ -41,7 +41,8 @@ def _losses(workdir) -> dict[int, float]:
     out = {}
     for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[record["step"]] = record["loss"]
+        if "loss" in record:  # eval records (e.g. the linear probe) carry no loss
+            out[record["step"]] = record["loss"]
     return out
 
 
@@ -78,11 +79,16 @@ def uninterrupted(tmp_path_factory, data_dir):
 
 def test_demo_writes_metrics_events_figures_checkpoints(tmp_path, data_dir):
     proc = _run(tmp_path, data_dir)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "loss" in r]  # training steps
     assert [r["step"] for r in records] == list(range(1, 9))
     for r in records:
         assert {"loss", "loss_32", "loss_64", "lr", "img_per_s", "mfu", "grad_norm"} <= set(r)
         assert r["loss"] == pytest.approx(r["loss_32"] + r["loss_64"], rel=1e-5)
+    # The demo's linear-probe eval hook, at each figure step.
+    probes = [r for r in map(json.loads, lines) if "probe/pathology/auc_macro" in r]
+    assert [r["step"] for r in probes] == [4, 8]
+    assert all(0 <= r["probe/pathology/accuracy"] <= 1 for r in probes)
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["recon_4.png", "recon_8.png"]
     assert _finished_steps(tmp_path)[-1] == 8
@@ -90,7 +96,7 @@ def test_demo_writes_metrics_events_figures_checkpoints(tmp_path, data_dir):
     # Re-running a finished workdir resumes at the end and does nothing.
     again = _run(tmp_path, data_dir)
     assert "nothing to do" in again.stderr
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(lines)
 
 
 @pytest.mark.slow

@@ -48,6 +48,11 @@ import numpy as np
 from mimjax.evaluators import classification
 
 POOL_KINDS = ("cls", "gap", "cls+gap")
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The encoder gave NaN or inf features (e.g. a diverging run)."""
+
 DEFAULT_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
 
@@ -319,7 +324,9 @@ def fit_ridge_probe(
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"train features must be a non-empty (N, D) array, got {x.shape}.")
     if not np.all(np.isfinite(x)):
-        raise ValueError("train features contain NaN or inf; check the encoder outputs.")
+        raise NonFiniteFeaturesError(
+            "train features contain NaN or inf; check the encoder outputs."
+        )
     if len(train_y) != len(x):
         raise ValueError(f"{len(x)} train features but {len(train_y)} labels.")
     l2s = sorted(float(v) for v in l2_grid)

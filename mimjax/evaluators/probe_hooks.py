@@ -94,7 +94,12 @@ class LinearProbeHooks:
     def after_step(self, step: int, state) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for evaluator in self.evaluators:
-            metrics.update(evaluator.run(state.params, step))
+            try:
+                metrics.update(evaluator.run(state.params, step))
+            except linear_probe.NonFiniteFeaturesError as error:
+                # A diverging run: the trainer's non-finite guard decides; skip the probe.
+                log.warning("step %d | linear probe %s skipped: %s", step, evaluator.task, error)
+                return {}
         self.writer.write(step, metrics)
         summary = " | ".join(
             f"{e.task} AUC {metrics[f'probe/{e.task}/auc_macro']:.4f} "
