@@ -73,13 +73,9 @@ def default_finetune_data_config() -> ml_collections.ConfigDict:
     # class equally likely per draw); None = plain shuffled epochs.
     c.balanced_label = ml_collections.FieldReference(None, field_type=str)
     c.phantom_split = (0.8, 0.1, 0.1)  # phantom only: train, val, test fractions
-    # Lesion-centred crops (CBIS-DDSM's "cropped image" for records that hold a
-    # whole mammogram and meta "lesion_center" [row, col] + "lesion_radius_px",
-    # as the phantom does): a square of side roi_context x the lesion diameter
-    # (at least roi_min_px) is cut out first and is the image from then on.
-    # 0 = off (records already are lesion crops, e.g. the cbis_ddsm builder's).
-    c.roi_context = 0.0
-    c.roi_min_px = 32
+    # roi_context / roi_min_px (pipeline.default_data_config): lesion-centred crops,
+    # CBIS-DDSM's "cropped image" for records holding a whole mammogram; 0 = off
+    # (records already are lesion crops, e.g. the cbis_ddsm builder's).
     return c
 
 
@@ -240,35 +236,6 @@ def _check_2d(image: np.ndarray, index: int) -> None:
         )
 
 
-def roi_crop(image: np.ndarray, meta: dict, index: int, context: float, min_px: int) -> np.ndarray:
-    """The square of side max(2 * context * radius, min_px) centred on the lesion
-    (meta "lesion_center" [row, col], "lesion_radius_px"); zeros beyond the image."""
-    if "lesion_center" not in meta or "lesion_radius_px" not in meta:
-        raise KeyError(
-            f"record {index} has no lesion_center / lesion_radius_px in its meta (keys: "
-            f"{sorted(meta)}); set data.roi_context=0 for records that are already lesion crops"
-        )
-    row, col = (float(v) for v in meta["lesion_center"])
-    side = max(round(2 * context * float(meta["lesion_radius_px"])), int(min_px))
-    top, left = round(row - side / 2), round(col - side / 2)
-    out = np.zeros((side, side), image.dtype)
-    src_top, src_left = max(top, 0), max(left, 0)
-    src_bottom = min(top + side, image.shape[0])
-    src_right = min(left + side, image.shape[1])
-    if src_bottom > src_top and src_right > src_left:
-        out[src_top - top : src_bottom - top, src_left - left : src_right - left] = image[
-            src_top:src_bottom, src_left:src_right
-        ]
-    return out
-
-
-def _roi_settings(data_cfg: Any) -> tuple[float, int]:
-    context = float(_get(data_cfg, "roi_context", 0.0) or 0.0)
-    if context < 0:
-        raise ValueError(f"data.roi_context must be >= 0 (0 = off), got {context}")
-    return context, int(_get(data_cfg, "roi_min_px", 32))
-
-
 def rotate_crop(image: np.ndarray, window: tuple[int, int, int, int], degrees: float) -> np.ndarray:
     """The (h, w) crop `window` = (top, left, h, w) of `image` rotated by `degrees`
     (counter-clockwise) about the window's centre: pixels rotated in from outside
@@ -365,7 +332,7 @@ class _ReadRecord:
         image, meta = records.decode_record(self.raw[int(index)])
         if self.roi_context:
             _check_2d(image, int(index))
-            image = roi_crop(image, meta, int(index), self.roi_context, self.roi_min_px)
+            image = transforms.roi_crop(image, meta, int(index), self.roi_context, self.roi_min_px)
         return {"image": image, "meta": meta, "index": int(index)}
 
 
@@ -495,7 +462,9 @@ def make_finetune_train_dataset(
         channels=int(_get(data_cfg, "channels", 1)),
         label_keys=label_keys,
     )
-    stream = indices.map(_ReadRecord(raw, *_roi_settings(data_cfg))).random_map(augment, seed=augment_seed)
+    stream = indices.map(_ReadRecord(raw, *transforms.roi_settings(data_cfg))).random_map(
+        augment, seed=augment_seed
+    )
 
     return pipeline.batched(
         stream,
@@ -584,7 +553,9 @@ def make_eval_batches(
         std=float(data_cfg.norm_std),
         channels=int(_get(data_cfg, "channels", 1)),
     )
-    read = _ReadRecord(_raw_records(split_source(data_cfg, split)), *_roi_settings(data_cfg))
+    read = _ReadRecord(
+        _raw_records(split_source(data_cfg, split)), *transforms.roi_settings(data_cfg)
+    )
     pixels, max_values, labels = [], [], []
     for i in range(len(read.raw)):
         record = read(i)

@@ -297,16 +297,16 @@ def test_eval_batches_cover_the_split_once_with_padding(cfg):
 def test_roi_crop_is_centred_on_the_lesion_and_zero_beyond_the_image():
     image = np.arange(100 * 120, dtype=np.uint16).reshape(100, 120) + 1
     meta = {"lesion_center": [50, 60], "lesion_radius_px": 5.0}
-    crop = finetune.roi_crop(image, meta, 0, context=3.0, min_px=8)  # side 2 * 3 * 5 = 30
+    crop = transforms.roi_crop(image, meta, 0, context=3.0, min_px=8)  # side 2 * 3 * 5 = 30
     np.testing.assert_array_equal(crop, image[35:65, 45:75])
-    small = finetune.roi_crop(image, meta, 0, context=3.0, min_px=40)  # the minimum wins
+    small = transforms.roi_crop(image, meta, 0, context=3.0, min_px=40)  # the minimum wins
     assert small.shape == (40, 40)
-    corner = finetune.roi_crop(image, {"lesion_center": [2, 118], "lesion_radius_px": 5.0}, 0,
+    corner = transforms.roi_crop(image, {"lesion_center": [2, 118], "lesion_radius_px": 5.0}, 0,
                                context=3.0, min_px=8)
     np.testing.assert_array_equal(corner[13:, :17], image[:17, 103:])  # inside the image
     assert (corner[:13] == 0).all() and (corner[:, 17:] == 0).all()  # beyond it
     with pytest.raises(KeyError, match="roi_context=0"):
-        finetune.roi_crop(image, {"pathology": 1}, 7, context=3.0, min_px=8)
+        transforms.roi_crop(image, {"pathology": 1}, 7, context=3.0, min_px=8)
 
 
 def test_roi_context_crops_train_and_eval_images_to_the_lesion(cfg):
@@ -319,13 +319,13 @@ def test_roi_context_crops_train_and_eval_images_to_the_lesion(cfg):
     resize = transforms.MultiScaleResize((SIZE,), mean=c.norm_mean, std=c.norm_std)
     for row in range(batches.num_records):
         e = val[row]
-        lesion = finetune.roi_crop(e["image"], e["meta"], row, 3.0, 16)
+        lesion = transforms.roi_crop(e["image"], e["meta"], row, 3.0, 16)
         expected = resize.map({**e, "image": lesion})[f"image_{SIZE}"]
         np.testing.assert_allclose(batches[0]["image"][row], expected, atol=1e-6)
     train = finetune.split_source(c, "train")
     batch = _take(iter(_train(c)), 1)[0]
     for row, index in enumerate(batch["index"]):
         e = train[int(index)]
-        lesion = finetune.roi_crop(e["image"], e["meta"], int(index), 3.0, 16)
+        lesion = transforms.roi_crop(e["image"], e["meta"], int(index), 3.0, 16)
         expected = resize.map({**e, "image": lesion})[f"image_{SIZE}"]
         np.testing.assert_allclose(batch["image"][row], expected, atol=1e-5)
