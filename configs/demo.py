@@ -10,8 +10,9 @@ the engine of tools/prepare_data.py, then pretrains a small ViT (width 192, 4 bl
 patch 8) on 64-px crops whose masked patches are reconstructed by two decoders, at
 64 px and at 128 px (the 128-px targets are cropped from the real 448-px image).
 
-Expected on a 2-core CPU: about 4 minutes in all (phantom ~25 s, compile ~15 s,
-200 steps of batch 32 at ~35 img/s; measured 3 min 55 s from a fresh clone). The
+Expected on a 2-core CPU: about 2 minutes in all (phantom ~25 s, compile ~15 s,
+200 steps of batch 32 at ~75 img/s, two probes ~2 s each; measured 2 min 0 s from a
+fresh clone). The
 total loss (sum of the two scales' norm_pix MSE) falls from ~3.0 over the first 20
 steps to ~1.45 at step 200, the 64-px term (~0.71) below the 128-px term (~0.74).
 Writes WORKDIR/metrics.jsonl, TensorBoard events, checkpoints (steps 100 and 200)
