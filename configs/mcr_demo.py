@@ -21,12 +21,13 @@ reports); WORKDIR/retrieval_metrics.json holds the final figures. Reports repeat
 the phantom (the same findings can be worded identically), so a retrieved report
 whose text equals the query's own counts as correct; "i2t_findings_P@K" counts
 retrieved reports with the query's findings.
-Expected on a 2-core CPU: about 9 minutes alone (1,600 steps of 32 pairs at ~110
-pairs/s, phantom and tokenizer ~20 s, compile ~30 s; measured 20.5 minutes on a machine
-shared with three other jobs). Measured final val retrieval (205 pairs; chance R@1
-0.005, R@10 0.049, median rank ~103): MCR i2t R@1 0.054, R@5 0.20, R@10 0.39, median
-rank 13 (t2i 0.054 / 0.22 / 0.40, 13); the CLIP baseline (`:clip`) learns faster at
-this scale: i2t 0.059 / 0.31 / 0.54, median rank 10 (t2i 0.024 / 0.28 / 0.52, 10).
+Expected on a 2-core CPU: about 7.5 minutes (measured 7 min 32 s from a fresh clone:
+1,600 steps of 32 pairs at ~120 pairs/s, phantom and tokenizer ~20 s, compile ~30 s).
+Final val retrieval (205 pairs; chance R@1 0.005, R@10 0.049, median rank ~103),
+two runs (the WordPiece trainer is not deterministic, so vocabularies and results
+vary): MCR i2t R@1 0.024-0.054, R@5 0.15-0.20, R@10 0.30-0.39 (t2i R@10 0.31-0.40);
+the CLIP baseline (`:clip`) learns faster at this scale: i2t 0.059 / 0.31 / 0.54,
+median rank 10 (t2i 0.024 / 0.28 / 0.52).
 `:tiny` is a seconds-long variant used by the test suite.
 """
 
