@@ -44,16 +44,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import multiprocessing
 import os
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-from input_pipeline import records
+from input_pipeline import sources
 
 BITS_STORED = 12
 MAX_VALUE = (1 << BITS_STORED) - 1
@@ -933,18 +931,6 @@ def recall_at_1_ceiling(combinations: Sequence[int]) -> float:
     return float(np.mean(1.0 / counts[inverse]))
 
 
-def _init_render_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
-
-
-def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, dict]:
-    index, seed, size = args
-    return render_cxr(index, seed, size)
-
-
-_MARKER = "_COMPLETE.json"
-
-
 def cxr_phantom_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:
     return os.path.join(os.fspath(data_dir), f"cxr_phantom_{size}_{seed}_{num_images}")
 
@@ -960,9 +946,8 @@ def ensure_cxr_phantom_dataset(
 ) -> list[str]:
     """Renders the paired phantom into shards once per data directory.
 
-    Shards go to `cxr_phantom_dir(...)`; a marker file written last makes later
-    calls reuse them. Rendering is deterministic and files appear by atomic
-    rename, so concurrent generators (several hosts) are safe. Records are
+    Shards go to `cxr_phantom_dir(...)`; generation, reuse and concurrency as in
+    sources.ensure_rendered_dataset. Records are
     distributed round-robin over the shards (see records.write_shards):
     meta["phantom_index"] names the pair a record holds.
     """
@@ -971,31 +956,14 @@ def ensure_cxr_phantom_dataset(
             f"need num_images >= 1, size >= 32, num_shards >= 1, got {num_images}, {size}, "
             f"{num_shards}"
         )
-    out_dir = cxr_phantom_dir(data_dir, num_images=num_images, seed=seed, size=size)
-    marker = os.path.join(out_dir, _MARKER)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            paths = [os.path.join(out_dir, p) for p in json.load(f)["shards"]]
-        if all(os.path.exists(p) for p in paths):
-            return paths
-    if num_procs is None:
-        num_procs = min(os.cpu_count() or 1, 8) if num_images >= 256 else 1
-    jobs = ((i, seed, size) for i in range(num_images))
-    if num_procs > 1:
-        with multiprocessing.get_context("spawn").Pool(num_procs, _init_render_worker) as pool:
-            paths = records.write_shards(
-                pool.imap(_render, jobs, chunksize=8), out_dir, "cxr", num_shards, overwrite=True
-            )
-    else:
-        paths = records.write_shards(map(_render, jobs), out_dir, "cxr", num_shards, overwrite=True)
-    info = {
-        "num_images": num_images,
-        "seed": seed,
-        "size": size,
-        "shards": [os.path.basename(p) for p in paths],
-    }
-    tmp = f"{marker}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, marker)
-    return paths
+    return sources.ensure_rendered_dataset(
+        cxr_phantom_dir(data_dir, num_images=num_images, seed=seed, size=size),
+        render_cxr,
+        num_images=num_images,
+        seed=seed,
+        size=size,
+        prefix="cxr",
+        num_shards=num_shards,
+        num_procs=num_procs,
+        parallel_from=256,
+    )

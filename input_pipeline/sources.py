@@ -62,32 +62,34 @@ def _render(args):
     return image, labels
 
 
-def ensure_phantom_dataset(
-    data_dir: str,
+def ensure_rendered_dataset(
+    out_dir: str,
+    render_fn,
     *,
     num_images: int,
     seed: int,
     size: int,
+    prefix: str,
     num_shards: int = 4,
     num_procs: int | None = None,
+    parallel_from: int = 64,
 ) -> list[str]:
-    """Renders the phantom dataset into shards once per data directory.
+    """Renders `render_fn(index, seed, size) -> (image, meta)` for every index into
+    shards `out_dir/{prefix}-*.array_record`, once.
 
-    Shards go to `data_dir/phantom_{size}_{seed}_{num_images}/`. A marker file is
-    written last; if it exists the shards are reused untouched, otherwise
-    (first call, or a generation that was killed) everything is regenerated.
-    Concurrent generators (several hosts on a shared file system) are safe:
-    rendering is deterministic and every file appears by atomic rename.
-
-    num_procs: rendering processes (spawned). None: one per core (at most 8) for
-    64+ images, else 1. The result does not depend on it: images are rendered by
+    A marker file is written last; if it exists the shards are reused untouched,
+    otherwise (first call, or a generation that was killed) everything is
+    regenerated. Concurrent generators (several hosts on a shared file system) are
+    safe: rendering is deterministic and every file appears by atomic rename.
+    `render_fn` must be module-level (spawned workers pickle it). num_procs:
+    rendering processes; None = one per core (at most 8) from `parallel_from`
+    images on, else 1. The result does not depend on it: images are rendered by
     index and written in index order.
     """
     if num_images < 1 or size < 1 or num_shards < 1:
         raise ValueError(
             f"need num_images, size, num_shards >= 1, got {num_images}, {size}, {num_shards}"
         )
-    out_dir = phantom_shards_dir(data_dir, num_images=num_images, seed=seed, size=size)
     marker = os.path.join(out_dir, _MARKER)
     if os.path.exists(marker):
         with open(marker) as f:
@@ -97,24 +99,16 @@ def ensure_phantom_dataset(
             return paths
         # Someone deleted shards after completion: fall through and regenerate.
 
-    # Lazy: the phantom module is only needed when rendering.
-    from input_pipeline.phantom import render_phantom  # pylint: disable=g-import-not-at-top
-
     if num_procs is None:
-        num_procs = min(os.cpu_count() or 1, 8) if num_images >= 64 else 1
-    jobs = ((render_phantom, i, seed, size) for i in range(num_images))
+        num_procs = min(os.cpu_count() or 1, 8) if num_images >= parallel_from else 1
+    jobs = ((render_fn, i, seed, size) for i in range(num_images))
     if num_procs > 1:
         with multiprocessing.get_context("spawn").Pool(num_procs, _init_render_worker) as pool:
-            paths = records.write_shards(
-                pool.imap(_render, jobs, chunksize=4),
-                out_dir,
-                "phantom",
-                num_shards,
-                overwrite=True,
-            )
+            rendered = pool.imap(_render, jobs, chunksize=4)
+            paths = records.write_shards(rendered, out_dir, prefix, num_shards, overwrite=True)
     else:
         paths = records.write_shards(
-            map(_render, jobs), out_dir, "phantom", num_shards, overwrite=True
+            map(_render, jobs), out_dir, prefix, num_shards, overwrite=True
         )
 
     info = {
@@ -129,6 +123,32 @@ def ensure_phantom_dataset(
         json.dump(info, f, indent=1)
     os.replace(tmp, marker)
     return paths
+
+
+def ensure_phantom_dataset(
+    data_dir: str,
+    *,
+    num_images: int,
+    seed: int,
+    size: int,
+    num_shards: int = 4,
+    num_procs: int | None = None,
+) -> list[str]:
+    """Renders the mammography phantom into shards once per data directory, in
+    `data_dir/phantom_{size}_{seed}_{num_images}/` (see ensure_rendered_dataset)."""
+    # Lazy: the phantom module is only needed when rendering.
+    from input_pipeline.phantom import render_phantom  # pylint: disable=g-import-not-at-top
+
+    return ensure_rendered_dataset(
+        phantom_shards_dir(data_dir, num_images=num_images, seed=seed, size=size),
+        render_phantom,
+        num_images=num_images,
+        seed=seed,
+        size=size,
+        prefix="phantom",
+        num_shards=num_shards,
+        num_procs=num_procs,
+    )
 
 
 def phantom_shards_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:

@@ -333,28 +333,30 @@ _LIGHT = np.array([247, 251, 255], np.float64)  # colour of fraction 0
 _DARK = np.array([8, 48, 107], np.float64)  # colour of fraction 1
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def figure_font(size: int) -> ImageFont.ImageFont:
+    """PIL's bundled scalable font at `size` px (no system fonts needed)."""
     try:
         return ImageFont.load_default(size=size)  # scalable bundled font, no system fonts
     except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
 
 
-def _text_size(font, text: str) -> tuple[int, int]:
+def text_size(font, text: str) -> tuple[int, int]:
+    """(width, height) of `text` drawn in `font`."""
     left, top, right, bottom = font.getbbox(text)
     return right - left, bottom - top
 
 
 def _abbreviate(name: str, font, max_width: int) -> str:
-    if _text_size(font, name)[0] <= max_width:
+    if text_size(font, name)[0] <= max_width:
         return name
-    while len(name) > 1 and _text_size(font, name + "…")[0] > max_width:
+    while len(name) > 1 and text_size(font, name + "…")[0] > max_width:
         name = name[:-1]
     return name + "…"
 
 
 def _vertical_text(text: str, font, fill) -> Image.Image:
-    width, height = _text_size(font, text)
+    width, height = text_size(font, text)
     strip = Image.new("RGBA", (width + 4, height + 8), (0, 0, 0, 0))
     ImageDraw.Draw(strip).text((2, 2), text, font=font, fill=fill, anchor="lt")
     return strip.rotate(90, expand=True)
@@ -380,7 +382,7 @@ def _draw_panel(canvas, draw, origin, matrix, row_names, col_names, fonts, label
             draw.text((cx, cy - 9), str(int(matrix[r, c])), font=regular, fill=ink, anchor="mm")
             percent = f"{100 * fraction:.0f}%" if row_totals[r, 0] > 0 else "-"
             draw.text((cx, cy + 13), percent, font=small, fill=ink, anchor="mm")
-    horizontal = all(_text_size(regular, name)[0] <= _CELL - 8 for name in col_names)
+    horizontal = all(text_size(regular, name)[0] <= _CELL - 8 for name in col_names)
     for c, name in enumerate(col_names):
         cx = x0 + c * _CELL + _CELL // 2
         if horizontal:
@@ -415,7 +417,7 @@ def confusion_matrix_figure(matrix, class_names: Sequence[str], path: str, title
         )
     if not path.lower().endswith(".png"):
         raise ValueError(f"path must name a .png file, got {path!r}.")
-    small, regular, large = _font(13), _font(15), _font(17)
+    small, regular, large = figure_font(13), figure_font(15), figure_font(17)
     label_width = 170
     margin = 12
     title_height = 34
@@ -429,7 +431,7 @@ def confusion_matrix_figure(matrix, class_names: Sequence[str], path: str, title
         height = header + 2 * _CELL + 34
     else:
         axis_height = 22
-        name_widths = [_text_size(regular, name)[0] for name in class_names]
+        name_widths = [text_size(regular, name)[0] for name in class_names]
         label_width = min(label_width, max(name_widths) + 16)
         fits = max(name_widths) <= _CELL - 8  # column names then run horizontally
         header = title_height + axis_height + (30 if fits else label_width)

@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from mimjax import sharding
+from mimjax.evaluators.classification import figure_font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +191,6 @@ class EmbeddingExtractor:
 
 
 # --------------------------------------------------------------------------- figure
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable bundled font, no system fonts
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _text_size(font, text: str) -> tuple[int, int]:
-    left, top, right, bottom = font.getbbox(text)
-    return right - left, bottom - top
-
-
 def _display(image: np.ndarray, size: int, mean: float | None, std: float | None) -> Image.Image:
     pixels = np.asarray(image, np.float64)[..., 0]
     if mean is not None and std is not None:
@@ -218,7 +207,7 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
     lines, current = [], ""
     for word in str(text).split():
         candidate = f"{current} {word}".strip()
-        if _text_size(font, candidate)[0] <= width or not current:
+        if text_size(font, candidate)[0] <= width or not current:
             current = candidate
         else:
             lines.append(current)
@@ -227,7 +216,7 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         last = lines[-1]
-        while last and _text_size(font, last + " …")[0] > width:
+        while last and text_size(font, last + " …")[0] > width:
             last = last[:-1]
         lines[-1] = last + " …"
     return lines
@@ -252,9 +241,9 @@ def retrieval_figure(
             "images, true_reports and retrieved must be non-empty and of one "
             "length (one entry per query)."
         )
-    small, regular, large = _font(13), _font(15), _font(17)
+    small, regular, large = figure_font(13), figure_font(15), figure_font(17)
     thumb, margin, gap, text_width = 160, 12, 14, 760
-    line_height = _text_size(regular, "Ag")[1] + 7
+    line_height = text_size(regular, "Ag")[1] + 7
     rows = []
     for report, hits in zip(true_reports, retrieved):
         lines = [("query's report: ", report, (90, 90, 90))]
