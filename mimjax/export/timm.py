@@ -291,6 +291,15 @@ def _npz_prefix(w) -> tuple[str, bool]:
     raise ValueError("Not a ViT .npz: no 'embedding/kernel' entry (big_vision or original ViT).")
 
 
+def _encoder_config(flat, table, grid, patch, **dims):
+    """The imported encoder's model config; a position table that is not the sin-cos
+    one is kept as a learned table in `flat`."""
+    posemb = "sincos2d" if common.is_sincos(table, grid) else "learn"
+    if posemb == "learn":
+        flat["encoder/pos_embedding"] = table
+    return common.model_config(patch_size=patch, image_size=grid * patch, posemb=posemb, **dims)
+
+
 def load_big_vision(w, *, layer_norm_eps: float, gelu_approximate: bool, scan: bool = False):
     """A big_vision / original ViT npz mapping -> (flat mimjax params, mimjax config, kind)."""
     w = {k: np.asarray(w[k]) for k in w}
@@ -345,19 +354,16 @@ def load_big_vision(w, *, layer_norm_eps: float, gelu_approximate: bool, scan: b
         for r, fc in enumerate(("fc1", "fc2")):
             flat[f"{dst}mlp/{fc}/kernel"] = block(i, f"{mlp}/Dense_{r}/kernel")
             flat[f"{dst}mlp/{fc}/bias"] = block(i, f"{mlp}/Dense_{r}/bias")
-    mlp_dim = flat["encoder/transformer/blocks/0/mlp/fc1/bias"].shape[0]
-    posemb = "sincos2d" if common.is_sincos(table, grid) else "learn"
-    if posemb == "learn":
-        flat["encoder/pos_embedding"] = table
-    model_cfg = common.model_config(
+    model_cfg = _encoder_config(
+        flat,
+        table,
+        grid,
+        patch,
         width=width,
         depth=depth,
         num_heads=num_heads,
-        mlp_dim=mlp_dim,
-        patch_size=patch,
-        image_size=grid * patch,
+        mlp_dim=flat["encoder/transformer/blocks/0/mlp/fc1/bias"].shape[0],
         channels=channels,
-        posemb=posemb,
         class_token=class_token,
         layer_norm_eps=layer_norm_eps,
         gelu_approximate=gelu_approximate,
@@ -434,19 +440,16 @@ def load_timm_state_dict(
         for n, weight, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
             flat[f"{dst}attn/{n}/kernel"] = common.linear_from_torch(weight)
             flat[f"{dst}attn/{n}/bias"] = bias
-    mlp_dim = sd["blocks.0.mlp.fc1.bias"].shape[0]
-    posemb = "sincos2d" if common.is_sincos(table, grid) else "learn"
-    if posemb == "learn":
-        flat["encoder/pos_embedding"] = table
-    model_cfg = common.model_config(
+    model_cfg = _encoder_config(
+        flat,
+        table,
+        grid,
+        patch,
         width=width,
         depth=depth,
         num_heads=num_heads,
-        mlp_dim=mlp_dim,
-        patch_size=patch,
-        image_size=grid * patch,
+        mlp_dim=sd["blocks.0.mlp.fc1.bias"].shape[0],
         channels=channels,
-        posemb=posemb,
         class_token=class_token,
         layer_norm_eps=layer_norm_eps,
         gelu_approximate=gelu_approximate,
