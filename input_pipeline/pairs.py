@@ -433,6 +433,7 @@ class EvalPairs(Sequence):
     batches[i]: {"image": float32 [B, S, S, C] (the whole image resized, no
     randomness), "text_ids": int32 [B, L], "text_mask": int32 [B, L],
     "finding_labels": int32 [B, K], "pair_index": int32 [B] (-1 on padding),
+    "report": object [B] (the raw report strings, for figures; "" on padding),
     "valid": bool [B]}; padding rows are zeros ([PAD] text, mask 0).
 
     Whole-split attributes (unpadded, pair order): `reports` (raw strings, for
@@ -471,6 +472,9 @@ class EvalPairs(Sequence):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         batch = self._batches[i]
         batch["pair_index"] = batch.pop("index")
+        batch["report"] = np.asarray(
+            [self.reports[j] if j >= 0 else "" for j in batch["pair_index"]], dtype=object
+        )
         return batch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

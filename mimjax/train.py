@@ -316,29 +316,21 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return out
 
 
-def _retrieval_eval_batches(config, workdir: str):
-    """The val pairs as the retrieval hook's batches (with report strings and
-    finding labels), and the tokenizer saved beside the checkpoints."""
+def _retrieval_hooks(config, spec, mesh, workdir: str, writer):
+    """Retrieval evals on the val pairs; the tokenizer is kept beside the
+    checkpoints, since the checkpoint's text side is useless without it."""
     import shutil
 
     from input_pipeline import pairs
 
-    if jax.process_index() == 0:  # the checkpoint's text side needs its tokenizer
-        shutil.copyfile(pairs.tokenizer_path(config.data),
-                        os.path.join(workdir, "tokenizer.json"))
+    if jax.process_index() == 0:
+        shutil.copyfile(pairs.tokenizer_path(config.data), os.path.join(workdir, "tokenizer.json"))
     eval_pairs = pairs.make_eval_pairs(
         config.data, "val", image_size=config.model.image_size,
         batch_size=int(config.get("eval_batch_size", None) or config.global_batch_size))
-
-    def batches():
-        for batch in eval_pairs:
-            index = batch["pair_index"]
-            yield dict(batch, findings=batch["finding_labels"],
-                       report=[eval_pairs.reports[i] if i >= 0 else "" for i in index])
-
     log.info("Retrieval evals on %d val pairs (strict R@1 ceiling from repeated findings: "
              "%.3f)", eval_pairs.num_pairs, eval_pairs.recall_at_1_ceiling())
-    return batches
+    return retrieval.RetrievalHooks(config, spec, mesh, workdir, writer, eval_pairs)
 
 
 def make_hooks(config, task: str, spec, mesh, workdir: str, writer) -> list:
@@ -347,8 +339,7 @@ def make_hooks(config, task: str, spec, mesh, workdir: str, writer) -> list:
     if task == "classification":
         hooks.append(classifier_eval.ClassificationHooks(config, spec, mesh, workdir, writer))
     elif task == "image_text":
-        hooks.append(retrieval.RetrievalHooks(config, spec, mesh, workdir, writer,
-                                              _retrieval_eval_batches(config, workdir)))
+        hooks.append(_retrieval_hooks(config, spec, mesh, workdir, writer))
     if config.get("evals", None) and config.evals.get("linear_probe", None):
         hooks.append(probe_hooks.LinearProbeHooks(config, spec, workdir, writer))
     return hooks

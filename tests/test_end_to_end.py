@@ -89,6 +89,8 @@ def test_demo_writes_metrics_events_figures_checkpoints(tmp_path, data_dir):
     probes = [r for r in map(json.loads, lines) if "probe/pathology/auc_macro" in r]
     assert [r["step"] for r in probes] == [4, 8]
     assert all(0 <= r["probe/pathology/accuracy"] <= 1 for r in probes)
+    # Fit on the phantom's train split of lesion crops (48 images: 38 / 5 / 5).
+    assert all(r["probe/pathology/num_train"] == 38 for r in probes)
     assert list(tmp_path.glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["recon_4.png", "recon_8.png"]
     assert _finished_steps(tmp_path)[-1] == 8

@@ -3,6 +3,7 @@
 reuses the finished runs."""
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -44,7 +45,10 @@ def test_experiment_pretrains_finetunes_probes_and_tabulates(tmp_path):
         for key in ("finetune_ap_macro", "finetune_auc_macro", "probe_auc_macro",
                     "probe_accuracy"):
             assert 0.0 <= float(row[key]) <= 1.0 or math.isnan(float(row[key])), (row, key)
-        assert (workdir / "finetune" / row["task"] / row["arm"] / "test_metrics.json").exists()
+        run = workdir / "finetune" / row["task"] / row["arm"]
+        tested = json.loads((run / "test_metrics.json").read_text())
+        for key in ("ap_macro", "auc_macro", "accuracy"):  # the table reports that run
+            assert float(row[f"finetune_{key}"]) == pytest.approx(tested[key])
     markdown = (workdir / "results.md").read_text()
     assert markdown.startswith("| task | arm | finetune_ap_macro") and markdown.count("\n") == 8
 

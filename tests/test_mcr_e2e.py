@@ -48,6 +48,8 @@ def test_image_text_pretraining_logs_terms_and_retrieval(tmp_path, data_dir, arm
     assert logged_terms == terms  # only the enabled terms, every one of them
     evals = [r for r in records if "retrieval/i2t_R@1" in r]
     assert [r["step"] for r in evals] == [3, 6]
+    # The phantom's finding labels reach the evaluator ("same findings" precision).
+    assert 0 <= evals[-1]["retrieval/i2t_findings_P@1"] <= 1
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@10", "i2t_median_rank"):
         value = evals[-1][f"retrieval/{key}"]
         assert (0 <= value <= 1) if "R@" in key else value >= 1

@@ -188,6 +188,8 @@ def test_eval_pairs_padding_labels_and_images(cfg):
     assert last["image"].shape == (batch_size, IMAGE, IMAGE, 1)
     assert (last["text_ids"][~last["valid"]] == text.PAD_ID).all()
     assert (last["text_mask"][~last["valid"]] == 0).all()
+    reports = np.concatenate([b["report"] for b in batches])
+    assert list(reports[:n]) == list(ev.reports) and set(reports[n:]) <= {""}
     np.testing.assert_array_equal(np.concatenate([b["text_ids"] for b in batches])[:n], ev.text_ids)
     images = ev.images()
     assert images.shape == (n, IMAGE, IMAGE, 1)

@@ -135,7 +135,7 @@ def _eval_batches():
             batch["text_mask"][3] = batch["text_mask"][1]
         batch["valid"] = np.arange(8) < (8 if b == 0 else 4)
         batch["report"] = np.asarray(report_strings(batch["text_ids"]), dtype=object)
-        batch["findings"] = (batch["text_ids"][:, 1:3] % 2).astype(np.int32)
+        batch["finding_labels"] = (batch["text_ids"][:, 1:3] % 2).astype(np.int32)
         batches.append(batch)
     return batches
 

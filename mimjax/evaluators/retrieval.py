@@ -172,11 +172,11 @@ class EmbeddingExtractor:
                 out["text_emb"].append(np.asarray(text_emb)[valid])
                 out["text_ids"].append(np.asarray(batch["text_ids"])[valid])
                 has_reports &= "report" in batch
-                has_findings &= "findings" in batch
+                has_findings &= "finding_labels" in batch
                 if has_reports:
                     out["reports"].extend(np.asarray(batch["report"], dtype=object)[valid])
                 if has_findings:
-                    out["findings"].append(np.asarray(batch["findings"])[valid])
+                    out["findings"].append(np.asarray(batch["finding_labels"])[valid])
                 if kept < keep_images:
                     images = np.asarray(batch["image"])[valid][: keep_images - kept]
                     out["images"].append(images)
@@ -291,7 +291,8 @@ class RetrievalHooks:
     """The trainer's eval hook for image-report pretraining (see the module docstring).
 
     `eval_batches`: the held-out split as dict batches ("image", "text_ids",
-    "text_mask", "valid", optionally "report" strings and "findings" multi-hot):
+    "text_mask", "valid", optionally "report" strings and "finding_labels" multi-hot, as
+    input_pipeline.pairs.make_eval_pairs gives them):
     an iterable that can be walked repeatedly, a callable returning a fresh one
     per eval, or a one-shot iterator (then kept in memory after the first pass).
     Config read: eval_every, eval_use_ema (+ ema_decay), data.norm_mean/norm_std
