@@ -9,10 +9,14 @@ run configs, so every run is an ordinary `train.train_and_evaluate` call:
   `init` set to its pretraining workdir (`scratch` = random initialisation);
 - `arms`: the arms in table order (an arm without a pretraining config is scratch);
 - `probe`: the linear probe (mimjax.evaluators.linear_probe) on frozen encoder
-  features of each arm: fit on `probe.train_split`, scored on `probe.eval_split`.
+  features of each arm: fit on `probe.train_split`, scored on `probe.eval_split`;
+  the probe macro-AUC difference of every two arms comes with a paired bootstrap
+  95% interval over the eval images (`probe.bootstrap_resamples`,
+  mimjax.evaluators.bootstrap).
 Runs go to WORKDIR/pretrain/{arm}, WORKDIR/finetune/{task}/{arm}; each resumes, and
 a finished run is not repeated, so re-running the command completes a killed
-experiment. The table goes to WORKDIR/results.csv and results.md and the log.
+experiment. The tables go to WORKDIR/results.csv, probe_differences.csv and
+results.md and the log.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 
 import jax
 import numpy as np
 
-from mimjax.evaluators import linear_probe, probe_hooks
+from mimjax.evaluators import bootstrap, linear_probe, probe_hooks
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +85,13 @@ def _encoder_params(task_cfg, spec, init_dir: str | None, seed: int) -> dict:
     return jax.tree.map(np.asarray, loaded)
 
 
-def run_probes(config, pretrained: dict[str, str]) -> dict:
-    """Linear probe per (task, arm); returns {(task, arm): metrics}."""
+def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
+    """Linear probe per (task, arm). Returns ({(task, arm): metrics}, the paired
+    differences of probe macro-AUC between every two arms of each task)."""
     from mimjax import train
 
     probe_cfg = config.probe
-    results = {}
+    results, differences = {}, []
     for task, task_cfg in config.finetune.items():
         objective = task_cfg.objectives.classification
         label_key = objective.label_key
@@ -108,15 +114,41 @@ def run_probes(config, pretrained: dict[str, str]) -> dict:
             class_names=tuple(task_cfg.finetune.class_names),
             task=task,
         )
+        scored = {}
         for arm in config.arms:
             params = _encoder_params(task_cfg, spec, pretrained.get(arm), int(config.seed))
-            metrics = evaluator.run(params)
+            scored[arm] = evaluator.fit_and_score(params)
+            metrics = evaluator.metrics(*scored[arm])
             results[(task, arm)] = {
                 k.removeprefix(f"probe/{task}/"): v for k, v in metrics.items()
             }
             log.info("Experiment: probe %s / %s: AUC %.4f AP %.4f", task, arm,
                      results[(task, arm)]["auc_macro"], results[(task, arm)]["ap_macro"])
-    return results
+        differences += _probe_differences(config, task, scored, bool(objective.multilabel))
+    return results, differences
+
+
+def _probe_differences(config, task: str, scored: dict, multilabel: bool) -> list[dict]:
+    """Probe test macro-AUC of arm A minus arm B for every pair of arms (in table
+    order), with a paired bootstrap 95% interval: both arms scored on the same test
+    images, so the interval says whether the gap outlives the choice of images."""
+    arms = list(config.arms)
+    rows = []
+    for i, arm in enumerate(arms):
+        for other in arms[i + 1:]:
+            try:
+                diff = bootstrap.paired_difference(
+                    scored[arm][0], scored[arm][1], scored[other][1], multilabel=multilabel,
+                    num_resamples=int(config.probe.get("bootstrap_resamples", 1000)),
+                    seed=int(config.seed))
+            except bootstrap.UndefinedMetricError as err:  # a tiny test split
+                log.warning("Experiment: probe %s, %s minus %s: %s", task, arm, other, err)
+                diff = bootstrap.Difference(math.nan, math.nan, math.nan, 0.95, 0)
+            log.info("Experiment: probe %s, %s AUC minus %s AUC: %s", task, arm, other, diff)
+            rows.append({"task": task, "arm": arm, "minus": other,
+                         "probe_auc_macro_difference": diff.estimate,
+                         "ci95_low": diff.low, "ci95_high": diff.high})
+    return rows
 
 
 def results_table(config, finetuned: dict, probed: dict) -> list[dict]:
@@ -132,21 +164,37 @@ def results_table(config, finetuned: dict, probed: dict) -> list[dict]:
     return rows
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
 def to_markdown(rows: list[dict]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [_cell(v) for v in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], workdir: str) -> str:
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+def _write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_table(rows: list[dict], workdir: str, differences: list[dict] = ()) -> str:
+    """results.csv, probe_differences.csv and results.md (both tables); returns the
+    Markdown."""
+    _write_csv(rows, os.path.join(workdir, "results.csv"))
     markdown = to_markdown(rows)
+    if differences:
+        _write_csv(list(differences), os.path.join(workdir, "probe_differences.csv"))
+        markdown += ("\nProbe macro-AUC differences (test split, paired bootstrap 95% "
+                     "interval):\n\n" + to_markdown(list(differences)))
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(markdown)
     return markdown
@@ -161,9 +209,9 @@ def run_experiment(config, workdir: str) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
     pretrained = run_pretraining(config, workdir)
     finetuned = run_finetuning(config, workdir, pretrained)
-    probed = run_probes(config, pretrained)
+    probed, differences = run_probes(config, pretrained)
     rows = results_table(config, finetuned, probed)
-    markdown = write_table(rows, workdir)
+    markdown = write_table(rows, workdir, differences)
     log.info("Experiment results (test split; also in %s/results.{csv,md}):\n%s", workdir,
              markdown)
     return rows

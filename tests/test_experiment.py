@@ -49,8 +49,21 @@ def test_experiment_pretrains_finetunes_probes_and_tabulates(tmp_path):
         tested = json.loads((run / "test_metrics.json").read_text())
         for key in ("ap_macro", "auc_macro", "accuracy"):  # the table reports that run
             assert float(row[f"finetune_{key}"]) == pytest.approx(tested[key])
+    with open(workdir / "probe_differences.csv") as f:
+        differences = list(csv.DictReader(f))
+    assert [(d["task"], d["arm"], d["minus"]) for d in differences] == [
+        (task, a, b) for task in ("margins", "pathology")
+        for a, b in (("miram", "mae"), ("miram", "scratch"), ("mae", "scratch"))]
+    probe_auc = {(r["task"], r["arm"]): float(r["probe_auc_macro"]) for r in rows}
+    for d in differences:  # the estimate is the tabulated gap, inside its interval
+        estimate = float(d["probe_auc_macro_difference"])
+        gap = probe_auc[(d["task"], d["arm"])] - probe_auc[(d["task"], d["minus"])]
+        if not math.isnan(gap):
+            assert estimate == pytest.approx(gap, abs=1e-9)
+            assert float(d["ci95_low"]) <= estimate <= float(d["ci95_high"])
     markdown = (workdir / "results.md").read_text()
-    assert markdown.startswith("| task | arm | finetune_ap_macro") and markdown.count("\n") == 8
+    assert markdown.startswith("| task | arm | finetune_ap_macro") and markdown.count("\n") == 19
+    assert "paired bootstrap 95% interval" in markdown
 
     again = _run(workdir, data_dir)  # finished runs are not repeated
     assert "step 1/" not in again and "nothing to do" in again

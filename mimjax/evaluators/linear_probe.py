@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimjax.evaluators import classification
+from mimjax.evaluators import bootstrap, classification
 
 POOL_KINDS = ("cls", "gap", "cls+gap")
 
@@ -282,12 +282,6 @@ def _fit_path(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float]):
     return mean, scale, bias, weights
 
 
-def _macro_auc(indicator: np.ndarray, scores: np.ndarray) -> float:
-    aucs = [classification.roc_auc(indicator[:, c], scores[:, c]) for c in range(scores.shape[1])]
-    defined = [a for a in aucs if not math.isnan(a)]
-    return float(np.mean(defined)) if defined else math.nan
-
-
 def _select_l2(l2s, heldout_auc: dict, heldout_mse: dict, auc_tolerance: float) -> float:
     """Among the l2 within `auc_tolerance` of the best held-out macro-AUC, the one with
     the lowest held-out squared error (then the larger l2); the largest l2 if no AUC
@@ -352,7 +346,7 @@ def fit_ridge_probe(
             z = (x[held] - mean) / scale
             for i, w in enumerate(weights):
                 scores = z @ w + bias
-                fold_aucs[f, i] = _macro_auc(targets[held], scores)
+                fold_aucs[f, i] = bootstrap.macro_metric(targets[held], scores, "auc_macro")
                 squared_errors[i] += np.sum((scores - targets[held]) ** 2)
         heldout_mse = dict(zip(l2s, squared_errors / targets.size, strict=True))
         for i, l2 in enumerate(l2s):
@@ -448,9 +442,8 @@ class LinearProbeEvaluator:
             )
         return features, labels[self.label_key]
 
-    def run(self, params, step: int | None = None) -> dict[str, float]:
-        """Probe metrics for `params` (anything `encode` takes); `step` is for logging."""
-        del step  # the caller logs the metrics at its step
+    def fit_and_score(self, params) -> tuple[np.ndarray, np.ndarray, Probe, int]:
+        """(eval labels, eval scores (N, C), the fitted probe, number of train examples)."""
         train_x, train_y = self._features(params, self.train_batches, "train")
         eval_x, eval_y = self._features(params, self.eval_batches, "eval")
         probe = fit_ridge_probe(
@@ -462,14 +455,20 @@ class LinearProbeEvaluator:
             num_folds=self.num_folds,
             seed=self.seed,
         )
+        return eval_y, probe.scores(eval_x), probe, len(train_x)
+
+    def metrics(self, eval_y, scores, probe: Probe, num_train: int) -> dict[str, float]:
+        """The "probe/{task}/..." scalars of `fit_and_score`'s outputs."""
         metrics = classification.classification_metrics(
-            eval_y,
-            probe.scores(eval_x),
-            multilabel=self.multilabel,
-            class_names=self.class_names,
+            eval_y, scores, multilabel=self.multilabel, class_names=self.class_names
         )
         metrics = classification.scalar_metrics(metrics)
         metrics.update(
-            l2=probe.l2, heldout_auc_macro=probe.heldout_auc[probe.l2], num_train=len(train_x)
+            l2=probe.l2, heldout_auc_macro=probe.heldout_auc[probe.l2], num_train=num_train
         )
         return {f"probe/{self.task}/{k}": float(v) for k, v in metrics.items()}
+
+    def run(self, params, step: int | None = None) -> dict[str, float]:
+        """Probe metrics for `params` (anything `encode` takes); `step` is for logging."""
+        del step  # the caller logs the metrics at its step
+        return self.metrics(*self.fit_and_score(params))
