@@ -6,7 +6,7 @@ Commands:
 
 What it does: generates the paired chest X-ray phantom once under ./data (2048 images
 at 128 px with templated findings/impression reports; input_pipeline.cxr_phantom),
-trains a WordPiece tokenizer on the train reports, then pretrains a small ViT (width
+trains a BPE tokenizer on the train reports, then pretrains a small ViT (width
 192, 4 blocks, patch 8, 64 px) and a 2-block text transformer with masked
 contrastive reconstruction (Wei, Jin, Zhou, arXiv 2312.15840): the masked image
 (50% of patches) and the masked report (25% of tokens) are the only inputs to the
@@ -22,12 +22,13 @@ the phantom (the same findings can be worded identically), so a retrieved report
 whose text equals the query's own counts as correct; "i2t_findings_P@K" counts
 retrieved reports with the query's findings.
 Expected on a 2-core CPU: about 7.5 minutes (measured 7 min 32 s from a fresh clone:
-1,600 steps of 32 pairs at ~120 pairs/s, phantom and tokenizer ~20 s, compile ~30 s).
+1,600 steps of 32 pairs at ~120 pairs/s, phantom and tokenizer ~20 s, compile ~30 s;
+`:clip` about 8.5 minutes).
 Final val retrieval (205 pairs; chance R@1 0.005, R@10 0.049, median rank ~103),
-two runs (the WordPiece trainer is not deterministic, so vocabularies and results
-vary): MCR i2t R@1 0.024-0.054, R@5 0.15-0.20, R@10 0.30-0.39 (t2i R@10 0.31-0.40);
-the CLIP baseline (`:clip`) learns faster at this scale: i2t 0.059 / 0.31 / 0.54,
-median rank 10 (t2i 0.024 / 0.28 / 0.52).
+measured over seeds 0, 1, 2 (`--config.seed=N`): MCR i2t R@1 0.024-0.068, R@5
+0.12-0.27, R@10 0.27-0.52, median rank 10-22 (t2i R@10 0.31-0.52); the CLIP baseline
+(`:clip`) i2t R@1 0.005-0.029, R@10 0.08-0.22, median rank 26-51. Runs vary with the
+seed because the contrastive loss stays at ln 32 for the first 400-900 steps.
 `:tiny` is a seconds-long variant used by the test suite.
 """
 

@@ -4,7 +4,7 @@ contrastive reconstruction, Wei, Jin, Zhou, arXiv 2312.15840).
 Model: ViT-B/16 image encoder at 224 px (1 channel) with an MAE decoder (8 blocks,
 width 512) for masked image modelling; a BERT-base-sized text encoder (width 768,
 12 blocks, 12 heads, MLP 3072, 128 tokens) with an MLM head, on a 30,522-entry
-WordPiece vocabulary trained on the train split's reports; 2-layer projection heads
+BPE vocabulary trained on the train split's reports; 2-layer projection heads
 (hidden 2048) into a 512-d shared space, mapping before aggregation. Objective: the
 masked image (50% of patches) and the masked report (25% of tokens) are the only
 inputs of InfoNCE + masked image modelling + masked language modelling (weights

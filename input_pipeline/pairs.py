@@ -76,7 +76,7 @@ def default_pairs_data_config() -> ml_collections.ConfigDict:
     # recall): None = "finding_labels" (phantom) or "chexpert" (MIMIC-CXR)
     # when the records have it, else no labels.
     c.label_key = ml_collections.FieldReference(None, field_type=str)
-    # Tokenizer (WordPiece): trained on the train split's reports once.
+    # Tokenizer (BPE, deterministic): trained on the train split's reports once.
     c.vocab_size = 512  # exact vocabulary size (the text model's embedding rows)
     c.tokenizer_min_frequency = 2
     # None: <phantom shard folder or dir>/tokenizer.json (see tokenizer_path).

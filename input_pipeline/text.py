@@ -1,4 +1,4 @@
-"""Radiology report text: preprocessing, a WordPiece tokenizer trained on the
+"""Radiology report text: preprocessing, a BPE tokenizer trained on the
 training reports, and fixed-length encoding.
 
 Preprocessing (`preprocess_report`) keeps the FINDINGS and IMPRESSION sections
@@ -9,13 +9,17 @@ MIMIC-CXR builder and the chest X-ray phantom store), drops every other section
 (NFKC) and whitespace (single spaces). A report without either heading is kept
 whole. The section names stay in the text ("findings: ... impression: ...").
 
-Tokenizer: HF `tokenizers` WordPiece with BERT-style pre-tokenization (split on
-whitespace and punctuation) and lower-casing, special tokens
-[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Its vocabulary has exactly the
-requested size: when the corpus has fewer distinct pieces (the phantom's
-templates use a few hundred words), the remainder is "[unused{i}]" entries
-that no text ever produces, so the embedding table size equals the setting.
-Saved as one JSON file (`Tokenizer.to_str`), written atomically.
+Tokenizer: HF `tokenizers` BPE, SentencePiece-style: lower-casing, words split at
+whitespace with a "▁" word-start marker, punctuation split off, special tokens
+[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. BPE rather than WordPiece because
+training is then deterministic: every initial piece is a character of the sorted
+alphabet, so merge ties break the same way in every process (the WordPiece
+trainer numbers its "##" pieces in hash-map order, which differs between runs:
+huggingface/tokenizers#1794). Its vocabulary has exactly the requested size:
+when the corpus has fewer distinct pieces (the phantom's templates use a few
+hundred words), the remainder is "[unused{i}]" entries that no text ever
+produces, so the embedding table size equals the setting. Saved as one JSON
+file (`Tokenizer.to_str`), written atomically.
 
 Encoding: [CLS] pieces... [SEP] then [PAD] up to max_length; pieces beyond
 max_length - 2 are cut before [SEP]. mask = 1 on real tokens (CLS and SEP
@@ -24,6 +28,7 @@ included), 0 on padding.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
@@ -35,6 +40,7 @@ import numpy as np
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 _UNUSED = "[unused{}]"
+_WORD_START = "\u2581"  # SentencePiece's word-start marker
 
 # A FINDINGS / IMPRESSION heading, anywhere; other headings only where a line
 # starts (inline capitals followed by ":" are too often ordinary text).
@@ -104,8 +110,13 @@ def _pipeline_parts():
 
     return (
         normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]),
-        pre_tokenizers.BertPreTokenizer(),
-        decoders.WordPiece(prefix="##"),
+        # Word-start markers first, then punctuation split off ("▁mass." ->
+        # "▁mass", "."), so decoding restores "mass." rather than "mass .".
+        pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement=_WORD_START, prepend_scheme="always"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]),
+        decoders.Metaspace(replacement=_WORD_START, prepend_scheme="always"),
     )
 
 
@@ -117,11 +128,11 @@ def train_tokenizer(
     min_frequency: int = 2,
     exclusive: bool = False,
 ):
-    """A WordPiece tokenizer of exactly `vocab_size` entries trained on `texts`
+    """A BPE tokenizer of exactly `vocab_size` entries trained on `texts`
     (already preprocessed, see `preprocess_report`), saved to `path` (atomic
-    write) when given. Returns the `tokenizers.Tokenizer`; with `exclusive`,
-    the one at `path` if another process saved one first (see
-    `save_tokenizer`)."""
+    write) when given. The same texts give the same tokenizer in every process.
+    Returns the `tokenizers.Tokenizer`; with `exclusive`, the one at `path` if
+    another process saved one first (see `save_tokenizer`)."""
     from tokenizers import Tokenizer, models, processors, trainers  # pylint: disable=g-import-not-at-top
 
     vocab_size = int(vocab_size)
@@ -131,9 +142,9 @@ def train_tokenizer(
     if not texts:
         raise ValueError("train_tokenizer got no texts: the training split has no reports")
     normalizer, pre_tokenizer, decoder = _pipeline_parts()
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
-    trainer = trainers.WordPieceTrainer(
+    trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=int(min_frequency),
         special_tokens=list(SPECIAL_TOKENS),
@@ -144,20 +155,17 @@ def train_tokenizer(
     if len(vocab) > vocab_size:
         raise ValueError(
             f"vocab_size={vocab_size} is smaller than the reports' alphabet (the trainer "
-            f"keeps every character and its ## continuation: {len(vocab)} pieces); raise "
-            "vocab_size"
+            f"keeps every character: {len(vocab)} pieces); raise vocab_size"
         )
     if len(vocab) < vocab_size:
         # Fill to the exact size with pieces no text produces (the
         # pre-tokenizer splits "[" and "]" off), so ids never reach past it.
-        by_id = sorted(vocab, key=vocab.get)
-        by_id += [_UNUSED.format(i) for i in range(vocab_size - len(by_id))]
-        vocab = {piece: i for i, piece in enumerate(by_id)}
-        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-        tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
-        # Already in the vocabulary (same ids); registered so that they are
-        # matched whole in text and known as special.
-        tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+        # The merges stay as trained: only the id table grows.
+        spec = json.loads(tokenizer.to_str())
+        table = spec["model"]["vocab"]
+        for i in range(vocab_size - len(vocab)):
+            table[_UNUSED.format(i)] = len(vocab) + i
+        tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.decoder = decoder
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)]
@@ -191,9 +199,9 @@ def save_tokenizer(tokenizer, path: str, *, exclusive: bool = False):
 
     exclusive: the first writer wins. If `path` already exists (another
     process got there first) nothing is written and the tokenizer saved there
-    is returned instead. WordPiece training breaks ties in an order that
-    differs between processes, so concurrent trainers (several hosts sharing a
-    data directory) must all use the one file that won. Returns the tokenizer
+    is returned instead, so concurrent trainers (several hosts sharing a
+    data directory) all use the one file that won, whatever the tokenizers
+    version each runs. Returns the tokenizer
     now stored at `path`.
     """
     path = os.fspath(path)

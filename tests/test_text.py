@@ -1,8 +1,10 @@
-"""Report preprocessing, WordPiece tokenizer training / saving / loading, and
+"""Report preprocessing, BPE tokenizer training / saving / loading, and
 fixed-length encoding with truncation."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +82,30 @@ def test_special_tokens_have_fixed_ids_and_vocab_is_exact(tokenizer, reports):
     ids, _ = text.encode_reports(big, ["[unused3] unused3 " + reports[0]], 256)
     assert len(unused) > 100 and not unused & set(ids[0].tolist())
     assert text.decode(big, ids[0]).replace(" ", "").endswith(reports[0].replace(" ", ""))
+
+
+_TRAIN_IN_A_NEW_PROCESS = """
+import sys
+from input_pipeline import cxr_phantom, text
+reports = [text.preprocess_report(cxr_phantom.sample_meta(i, 0)["report"]) for i in range(120)]
+sys.stdout.write(text.train_tokenizer(reports, 400).to_str())
+"""
+
+
+def test_training_is_deterministic_across_processes(tokenizer):
+    """The data directory's tokenizer (and so every run's token ids) must not depend
+    on which process trained it: hash-map orders differ between processes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _TRAIN_IN_A_NEW_PROCESS], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+        assert out == tokenizer.to_str()
+
+
+def test_decoding_restores_the_preprocessed_text(tokenizer, reports):
+    ids, _ = text.encode_reports(tokenizer, reports[:20], 256)
+    for row, report in zip(ids, reports[:20], strict=True):
+        assert text.decode(tokenizer, row) == report
 
 
 def test_training_rejects_bad_settings(reports):
