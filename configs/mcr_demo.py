@@ -17,7 +17,9 @@ token embeddings.
 Every `eval_every` steps the val split (205 pairs) is embedded with unmasked inputs
 and image->text / text->image Recall@1/5/10 and the median rank go to metrics.jsonl
 ("retrieval/..."), with figures/retrieval_STEP.png (query images, their top-3
-reports); WORKDIR/retrieval_metrics.json holds the final figures. Reports repeat on
+reports); WORKDIR/retrieval_metrics.json holds the final figures, and
+`python tools/evaluate_retrieval.py --workdir W [--step N] [--split test]` scores any
+saved step afterwards. Reports repeat on
 the phantom (the same findings can be worded identically), so a retrieved report
 whose text equals the query's own counts as correct; "i2t_findings_P@K" counts
 retrieved reports with the query's findings.

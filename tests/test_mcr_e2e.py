@@ -35,13 +35,26 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pairs")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """arm -> (workdir, metrics.jsonl records) of one finished tiny run per arm."""
+    runs = {}
+
+    def get(arm):
+        if arm not in runs:
+            workdir = tmp_path_factory.mktemp(arm) / "run"
+            _run(f"configs/mcr_demo.py:{arm}", workdir, data_dir)
+            runs[arm] = (workdir, _records(workdir))
+        return runs[arm]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arm,terms", [("tiny", {"loss_itc", "loss_mim", "loss_mlm"}),
                                        ("tiny_clip", {"loss_itc"})])
-def test_image_text_pretraining_logs_terms_and_retrieval(tmp_path, data_dir, arm, terms):
-    workdir = tmp_path / arm
-    _run(f"configs/mcr_demo.py:{arm}", workdir, data_dir)
-    records = _records(workdir)
+def test_image_text_pretraining_logs_terms_and_retrieval(trained, data_dir, arm, terms):
+    workdir, records = trained(arm)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 7))
     logged_terms = {k for k in train[-1] if k.startswith("loss_")}
@@ -63,3 +76,54 @@ def test_image_text_pretraining_logs_terms_and_retrieval(tmp_path, data_dir, arm
 
     log = _run(f"configs/mcr_demo.py:{arm}", workdir, data_dir)  # finished: resumes, no steps
     assert "nothing to do" in log and len(_records(workdir)) == len(records)
+
+
+def _evaluate(*args):
+    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device, as trained
+    return subprocess.run([sys.executable, "tools/evaluate_retrieval.py", *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+@pytest.mark.slow
+def test_standalone_retrieval_reproduces_the_training_evals(trained, tmp_path):
+    workdir, records = trained("tiny")
+    proc = _evaluate("--workdir", workdir)  # latest step, val split, written to the workdir
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    standalone = json.loads((workdir / "retrieval_val_step6.json").read_text())
+    final = json.loads((workdir / "retrieval_metrics.json").read_text())
+    for key, value in final.items():
+        assert standalone[key] == pytest.approx(value, abs=1e-12), key
+    assert standalone["split"] == "val" and standalone["step"] == 6
+    assert (workdir / "figures" / "retrieval_val_step6.png").stat().st_size > 0
+    assert "i2t: R@1" in proc.stdout
+
+    # An earlier checkpoint, on the test split, elsewhere.
+    out = tmp_path / "out"
+    proc = _evaluate("--workdir", workdir, "--step", 3, "--split", "test", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step3 = json.loads((out / "retrieval_test_step3.json").read_text())
+    assert step3["step"] == 3 and step3["split"] == "test" and step3["num_pairs"] == 8
+    assert (out / "figures" / "retrieval_test_step3.png").stat().st_size > 0
+    # An earlier step on val equals what the trainer logged at that step.
+    logged = next(r for r in records if r.get("step") == 3 and "retrieval/i2t_R@1" in r)
+    proc = _evaluate("--workdir", workdir, "--step", 3, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val3 = json.loads((out / "retrieval_val_step3.json").read_text())
+    for key in ("i2t_R@1", "i2t_R@5", "t2i_R@10", "i2t_median_rank", "i2t_findings_P@1"):
+        assert val3[key] == pytest.approx(logged[f"retrieval/{key}"], abs=1e-12), key
+
+    proc = _evaluate("--workdir", workdir, "--step", 5)
+    assert proc.returncode == 2 and "No checkpoint for step 5" in proc.stderr
+
+
+def test_standalone_retrieval_refuses_what_it_cannot_score(tmp_path):
+    from mimjax.evaluators import retrieval_checkpoint
+
+    with pytest.raises(ValueError, match="image-report checkpoint"):
+        retrieval_checkpoint.evaluate_checkpoint(str(tmp_path), config="configs/demo.py:tiny")
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        retrieval_checkpoint.evaluate_checkpoint(str(tmp_path), config="configs/mcr_demo.py:tiny")
+    with pytest.raises(ValueError, match="split must be one of"):
+        retrieval_checkpoint.evaluate_checkpoint(str(tmp_path), split="holdout",
+                                                 config="configs/mcr_demo.py:tiny")
