@@ -118,7 +118,7 @@ def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
         for arm in config.arms:
             params = _encoder_params(task_cfg, spec, pretrained.get(arm), int(config.seed))
             scored[arm] = evaluator.fit_and_score(params)
-            metrics = evaluator.metrics(*scored[arm])
+            metrics = evaluator.metrics(scored[arm])
             results[(task, arm)] = {
                 k.removeprefix(f"probe/{task}/"): v for k, v in metrics.items()
             }
@@ -138,7 +138,8 @@ def _probe_differences(config, task: str, scored: dict, multilabel: bool) -> lis
         for other in arms[i + 1:]:
             try:
                 diff = bootstrap.paired_difference(
-                    scored[arm][0], scored[arm][1], scored[other][1], multilabel=multilabel,
+                    scored[arm].labels, scored[arm].scores, scored[other].scores,
+                    multilabel=multilabel,
                     num_resamples=int(config.probe.get("bootstrap_resamples", 1000)),
                     seed=int(config.seed))
             except bootstrap.UndefinedMetricError as err:  # a tiny test split

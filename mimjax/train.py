@@ -325,12 +325,7 @@ def _retrieval_hooks(config, spec, mesh, workdir: str, writer):
 
     if jax.process_index() == 0:
         shutil.copyfile(pairs.tokenizer_path(config.data), os.path.join(workdir, "tokenizer.json"))
-    eval_pairs = pairs.make_eval_pairs(
-        config.data, "val", image_size=config.model.image_size,
-        batch_size=int(config.get("eval_batch_size", None) or config.global_batch_size))
-    log.info("Retrieval evals on %d val pairs (strict R@1 ceiling from repeated findings: "
-             "%.3f)", eval_pairs.num_pairs, eval_pairs.recall_at_1_ceiling())
-    return retrieval.RetrievalHooks(config, spec, mesh, workdir, writer, eval_pairs)
+    return retrieval.RetrievalHooks.for_split(config, spec, mesh, workdir, writer)
 
 
 def make_hooks(config, task: str, spec, mesh, workdir: str, writer) -> list:

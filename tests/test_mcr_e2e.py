@@ -113,6 +113,11 @@ def test_standalone_retrieval_reproduces_the_training_evals(trained, tmp_path):
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@10", "i2t_median_rank", "i2t_findings_P@1"):
         assert val3[key] == pytest.approx(logged[f"retrieval/{key}"], abs=1e-12), key
 
+    # The split is honoured: the tiny phantom's train split has 64 of its 80 pairs.
+    proc = _evaluate("--workdir", workdir, "--split", "train", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "retrieval_train_step6.json").read_text())["num_pairs"] == 64
+
     proc = _evaluate("--workdir", workdir, "--step", 5)
     assert proc.returncode == 2 and "No checkpoint for step 5" in proc.stderr
 

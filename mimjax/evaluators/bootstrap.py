@@ -17,7 +17,6 @@ positives (or negatives, for AUC), as `classification_metrics` does.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -47,25 +46,6 @@ class Difference:
         return f"{self.estimate:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
 
 
-def _indicator(labels, num_classes: int, multilabel: bool) -> np.ndarray:
-    labels = np.asarray(labels)
-    if multilabel:
-        if labels.shape[-1:] != (num_classes,):
-            raise ValueError(
-                f"multi-label labels must be (N, {num_classes}), got {labels.shape}")
-        return labels.astype(np.int64)
-    if labels.ndim != 1:
-        raise ValueError(f"single-label labels must be (N,) class ids, got {labels.shape}")
-    return np.eye(num_classes, dtype=np.int64)[labels.astype(np.int64)]
-
-
-def macro_metric(indicator: np.ndarray, scores: np.ndarray, metric: str) -> float:
-    fn = METRICS[metric]
-    values = [fn(indicator[:, c], scores[:, c]) for c in range(scores.shape[1])]
-    defined = [v for v in values if not math.isnan(v)]
-    return float(np.mean(defined)) if defined else math.nan
-
-
 def paired_difference(
     labels,
     scores_a,
@@ -88,13 +68,16 @@ def paired_difference(
         raise ValueError(
             f"both arms need (N, C) scores of the same examples, got {scores_a.shape} "
             f"and {scores_b.shape}")
-    indicator = _indicator(labels, scores_a.shape[1], multilabel)
-    if len(indicator) != len(scores_a):
-        raise ValueError(f"{len(indicator)} labels for {len(scores_a)} scored examples")
+    if len(labels) != len(scores_a):
+        raise ValueError(f"{len(labels)} labels for {len(scores_a)} scored examples")
+    indicator, scores_a = classification.class_indicator(labels, scores_a, multilabel=multilabel)
+    _, scores_b = classification.class_indicator(labels, scores_b, multilabel=multilabel)
+    fn = METRICS[metric]
 
     def difference(rows) -> float:
         y = indicator[rows]
-        return macro_metric(y, scores_a[rows], metric) - macro_metric(y, scores_b[rows], metric)
+        return (classification.macro_average(fn, y, scores_a[rows])
+                - classification.macro_average(fn, y, scores_b[rows]))
 
     n = len(indicator)
     rng = np.random.default_rng(seed)

@@ -118,7 +118,10 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free form of 1 / (1 + exp(-x))
 
 
-def _check_inputs(labels, scores, multilabel: bool, class_names) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(
+    labels, scores, multilabel: bool, class_names=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 labels, f64 scores), validated; class_names=None skips the name check."""
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
@@ -126,7 +129,7 @@ def _check_inputs(labels, scores, multilabel: bool, class_names) -> tuple[np.nda
     num_examples, num_classes = scores.shape
     if num_examples == 0:
         raise ValueError("no examples to evaluate (empty eval set, or every example masked out).")
-    if len(class_names) != num_classes:
+    if class_names is not None and len(class_names) != num_classes:
         raise ValueError(
             f"class_names has {len(class_names)} entries but scores have {num_classes} columns; "
             "pass one name per class in score-column order."
@@ -162,6 +165,25 @@ def _check_inputs(labels, scores, multilabel: bool, class_names) -> tuple[np.nda
 def _nanmean(values: list[float]) -> tuple[float, int]:
     defined = [v for v in values if not math.isnan(v)]
     return (float(np.mean(defined)) if defined else math.nan), len(defined)
+
+
+def _per_class(metric, indicator: np.ndarray, scores: np.ndarray) -> list[float]:
+    return [metric(indicator[:, c], scores[:, c]) for c in range(scores.shape[1])]
+
+
+def class_indicator(labels, scores, *, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (class indicator (N, C) int64: one-hot, or the multi-hot labels;
+    scores (N, C) float64), as `classification_metrics` reads its inputs."""
+    labels, scores = _check_inputs(labels, scores, multilabel)
+    if multilabel:
+        return labels, scores
+    return np.eye(scores.shape[1], dtype=np.int64)[labels], scores
+
+
+def macro_average(metric, indicator: np.ndarray, scores: np.ndarray) -> float:
+    """Mean of `metric` (average_precision or roc_auc) over the classes where it is
+    defined, as "ap_macro" / "auc_macro" (NaN when no class is)."""
+    return _nanmean(_per_class(metric, indicator, scores))[0]
 
 
 def classification_metrics(
@@ -206,8 +228,8 @@ def classification_metrics(
         confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
         np.add.at(confusion, (labels, predicted), 1)
         metrics["confusion_matrix"] = confusion
-    ap_per_class = [average_precision(indicator[:, c], scores[:, c]) for c in range(num_classes)]
-    auc_per_class = [roc_auc(indicator[:, c], scores[:, c]) for c in range(num_classes)]
+    ap_per_class = _per_class(average_precision, indicator, scores)
+    auc_per_class = _per_class(roc_auc, indicator, scores)
     metrics["ap_macro"], metrics["ap_macro_classes"] = _nanmean(ap_per_class)
     metrics["auc_macro"], metrics["auc_macro_classes"] = _nanmean(auc_per_class)
     metrics["ap_micro"] = average_precision(indicator.ravel(), scores.ravel())

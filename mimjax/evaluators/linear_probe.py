@@ -39,13 +39,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimjax.evaluators import bootstrap, classification
+from mimjax.evaluators import classification
 
 POOL_KINDS = ("cls", "gap", "cls+gap")
 
@@ -346,7 +346,8 @@ def fit_ridge_probe(
             z = (x[held] - mean) / scale
             for i, w in enumerate(weights):
                 scores = z @ w + bias
-                fold_aucs[f, i] = bootstrap.macro_metric(targets[held], scores, "auc_macro")
+                fold_aucs[f, i] = classification.macro_average(
+                    classification.roc_auc, targets[held], scores)
                 squared_errors[i] += np.sum((scores - targets[held]) ** 2)
         heldout_mse = dict(zip(l2s, squared_errors / targets.size, strict=True))
         for i, l2 in enumerate(l2s):
@@ -358,6 +359,15 @@ def fit_ridge_probe(
 
 
 # ----------------------------------------------------------------------------- evaluator
+
+
+class ProbeScores(NamedTuple):
+    """A probe fitted on the train features and its scores on the eval split."""
+
+    labels: np.ndarray  # eval labels: class ids (N,) or multi-hot (N, C)
+    scores: np.ndarray  # (N, C)
+    probe: Probe
+    num_train: int
 
 
 class LinearProbeEvaluator:
@@ -442,8 +452,8 @@ class LinearProbeEvaluator:
             )
         return features, labels[self.label_key]
 
-    def fit_and_score(self, params) -> tuple[np.ndarray, np.ndarray, Probe, int]:
-        """(eval labels, eval scores (N, C), the fitted probe, number of train examples)."""
+    def fit_and_score(self, params) -> ProbeScores:
+        """Fits the probe on `params`' train features and scores the eval split."""
         train_x, train_y = self._features(params, self.train_batches, "train")
         eval_x, eval_y = self._features(params, self.eval_batches, "eval")
         probe = fit_ridge_probe(
@@ -455,20 +465,23 @@ class LinearProbeEvaluator:
             num_folds=self.num_folds,
             seed=self.seed,
         )
-        return eval_y, probe.scores(eval_x), probe, len(train_x)
+        return ProbeScores(eval_y, probe.scores(eval_x), probe, len(train_x))
 
-    def metrics(self, eval_y, scores, probe: Probe, num_train: int) -> dict[str, float]:
-        """The "probe/{task}/..." scalars of `fit_and_score`'s outputs."""
+    def metrics(self, scored: ProbeScores) -> dict[str, float]:
+        """The "probe/{task}/..." scalars of `fit_and_score`'s result."""
         metrics = classification.classification_metrics(
-            eval_y, scores, multilabel=self.multilabel, class_names=self.class_names
+            scored.labels, scored.scores, multilabel=self.multilabel,
+            class_names=self.class_names
         )
         metrics = classification.scalar_metrics(metrics)
+        probe = scored.probe
         metrics.update(
-            l2=probe.l2, heldout_auc_macro=probe.heldout_auc[probe.l2], num_train=num_train
+            l2=probe.l2, heldout_auc_macro=probe.heldout_auc[probe.l2],
+            num_train=scored.num_train
         )
         return {f"probe/{self.task}/{k}": float(v) for k, v in metrics.items()}
 
     def run(self, params, step: int | None = None) -> dict[str, float]:
         """Probe metrics for `params` (anything `encode` takes); `step` is for logging."""
         del step  # the caller logs the metrics at its step
-        return self.metrics(*self.fit_and_score(params))
+        return self.metrics(self.fit_and_score(params))

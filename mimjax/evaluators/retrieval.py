@@ -329,6 +329,22 @@ class RetrievalHooks:
         self._cached = None
         self.last: tuple[int, dict] | None = None
 
+    @classmethod
+    def for_split(cls, config, spec, mesh, workdir: str, writer, *, split: str = "val",
+                  data_cfg=None, tokenizer=None, batch_size: int | None = None):
+        """Hooks on every pair of `split` of `data_cfg` (default config.data), batched by
+        `batch_size` (default config.eval_batch_size, else the global batch);
+        tokenizer: default the data's (pairs.ensure_tokenizer)."""
+        from input_pipeline import pairs  # pylint: disable=g-import-not-at-top
+
+        batch_size = batch_size or config.get("eval_batch_size", None) or config.global_batch_size
+        eval_pairs = pairs.make_eval_pairs(
+            config.data if data_cfg is None else data_cfg, split,
+            image_size=config.model.image_size, batch_size=int(batch_size), tokenizer=tokenizer)
+        log.info("Retrieval evals on %d %s pairs (strict R@1 ceiling from repeated findings: "
+                 "%.3f)", eval_pairs.num_pairs, split, eval_pairs.recall_at_1_ceiling())
+        return cls(config, spec, mesh, workdir, writer, eval_pairs)
+
     def _batches(self) -> Iterable[dict]:
         if callable(self._source):
             return self._source()

@@ -28,9 +28,6 @@ from mimjax.evaluators import retrieval
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-
-
 def _run_config(workdir: str, config) -> ml_collections.ConfigDict:
     config = inference.resolve_config(config) if config is not None else inference.load_run_config(
         workdir)
@@ -62,8 +59,8 @@ def evaluate_checkpoint(
     from input_pipeline import pairs, text  # pylint: disable=g-import-not-at-top
     from mimjax.train import ModelSpec  # pylint: disable=g-import-not-at-top
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in pairs.SPLITS:  # before the checkpoint is read
+        raise ValueError(f"split must be one of {pairs.SPLITS}, got {split!r}")
     config = _run_config(workdir, config)
     tokenizer_path = tokenizer_path or os.path.join(workdir, "tokenizer.json")
     if not os.path.isfile(tokenizer_path):
@@ -78,15 +75,12 @@ def evaluate_checkpoint(
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     if data_dir is not None:
         data_cfg.dir = data_dir
-    batch_size = int(batch_size or config.get("eval_batch_size", None) or config.global_batch_size)
-    eval_pairs = pairs.make_eval_pairs(data_cfg, split, image_size=config.model.image_size,
-                                       batch_size=batch_size, tokenizer=tokenizer)
-    log.info("Step %d of %s on %d %s pairs", checkpoint.step, workdir, eval_pairs.num_pairs, split)
-
     out_dir = out_dir or workdir
     mesh = sharding.make_mesh({"data": -1})
-    spec = ModelSpec.from_config(config.model)
-    hooks = retrieval.RetrievalHooks(config, spec, mesh, out_dir, None, eval_pairs)
+    hooks = retrieval.RetrievalHooks.for_split(
+        config, ModelSpec.from_config(config.model), mesh, out_dir, None, split=split,
+        data_cfg=data_cfg, tokenizer=tokenizer, batch_size=batch_size)
+    log.info("Scoring step %d of %s", checkpoint.step, workdir)
     params = jax.device_put(checkpoint.params, sharding.replicated(mesh))
     metrics, data = hooks.evaluate(params)
     name = f"retrieval_{split}_step{checkpoint.step}"
