@@ -23,9 +23,11 @@ saved step afterwards. Reports repeat on
 the phantom (the same findings can be worded identically), so a retrieved report
 whose text equals the query's own counts as correct; "i2t_findings_P@K" counts
 retrieved reports with the query's findings.
-Expected on a 2-core CPU: about 7.5 minutes (measured 7 min 32 s from a fresh clone:
-1,600 steps of 32 pairs at ~120 pairs/s, phantom and tokenizer ~20 s, compile ~30 s;
-`:clip` about 8.5 minutes).
+Expected on a 2-core CPU: about 8 minutes (measured 8 min 0 s from a fresh clone,
+phantom and tokenizer included: 1,600 steps of 32 pairs at ~120 pairs/s, phantom and
+tokenizer ~20 s, compile ~30 s; `:clip` about 8.5 minutes). The tokenizer is
+deterministic, so a fresh data directory gives seed 0's figures again (measured:
+i2t R@1 0.068, R@10 0.517).
 Final val retrieval (205 pairs; chance R@1 0.005, R@10 0.049, median rank ~103),
 measured over seeds 0, 1, 2 (`--config.seed=N`): MCR i2t R@1 0.024-0.068, R@5
 0.12-0.27, R@10 0.27-0.52, median rank 10-22 (t2i R@10 0.31-0.52); the CLIP baseline
