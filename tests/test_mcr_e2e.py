@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from input_pipeline.cxr_phantom import LABEL_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -117,6 +119,18 @@ def test_standalone_retrieval_reproduces_the_training_evals(trained, tmp_path):
     proc = _evaluate("--workdir", workdir, "--split", "train", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "retrieval_train_step6.json").read_text())["num_pairs"] == 64
+
+    # The finding probe adds per-finding AUCs and leaves the retrieval figures alone.
+    proc = _evaluate("--workdir", workdir, "--finding-probe", "--out", tmp_path / "probe")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probed = json.loads((tmp_path / "probe" / "retrieval_val_step6.json").read_text())
+    for key, value in standalone.items():
+        assert probed[key] == value, key
+    for side in ("image", "text"):
+        assert {f"{side}_auc/{name}" for name in LABEL_NAMES + ("macro",)} <= set(probed)
+        defined = [v for k, v in probed.items() if k.startswith(side) and v == v]
+        assert defined and all(0.0 <= v <= 1.0 for v in defined)
+    assert "finding probe AUC" in proc.stdout and "pneumothorax_left" in proc.stdout
 
     proc = _evaluate("--workdir", workdir, "--step", 5)
     assert proc.returncode == 2 and "No checkpoint for step 5" in proc.stderr

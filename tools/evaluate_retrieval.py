@@ -24,6 +24,7 @@ examples:
   python tools/evaluate_retrieval.py --workdir workdirs/mcr_demo              # latest, val
   python tools/evaluate_retrieval.py --workdir workdirs/mcr_demo --split test
   python tools/evaluate_retrieval.py --workdir workdirs/mcr_demo --step 800 --out /tmp/r800
+  python tools/evaluate_retrieval.py --workdir workdirs/mcr_demo --finding-probe  # per finding
   python tools/evaluate_retrieval.py --workdir RUN --data-dir /data/mimic_cxr_prepared
 
 The architecture and data settings come from WORKDIR/config.json, the tokenizer from
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-ema", action="store_true", help="score the EMA parameters.")
     parser.add_argument("--config", default=None,
                         help="the run's config when WORKDIR has no config.json.")
+    parser.add_argument("--finding-probe", action="store_true",
+                        help="also fit linear probes on the train pairs' embeddings and report "
+                             "each finding's AUC from the image and from the report side.")
     return parser
 
 
@@ -70,6 +74,7 @@ def main(argv=None) -> int:
             use_ema=args.use_ema,
             batch_size=args.batch_size,
             config=args.config,
+            finding_probe=args.finding_probe,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -79,6 +84,13 @@ def main(argv=None) -> int:
         print(f"  {direction}: " + "  ".join(
             f"{k} {metrics[f'{direction}_{k}']:.3f}" for k in ("R@1", "R@5", "R@10"))
             + f"  median rank {metrics[f'{direction}_median_rank']:.0f}")
+    probed = [k[len("image_auc/"):] for k in metrics if k.startswith("image_auc/")]
+    if probed:
+        print("finding probe AUC (image embedding / report embedding):")
+        width = max(len(name) for name in probed)
+        for name in probed:
+            print(f"  {name:<{width}}  {metrics[f'image_auc/{name}']:.3f} / "
+                  f"{metrics[f'text_auc/{name}']:.3f}")
     return 0
 
 

@@ -355,9 +355,18 @@ class RetrievalHooks:
     def eval_params(self, state):
         return state.ema_params if self.use_ema else state.params
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Names of the pairs' finding labels (empty when the data has none)."""
+        return tuple(getattr(self._source, "label_names", ()) or ())
+
+    def embed(self, params, keep_images: int = 0) -> dict:
+        """Embeddings and batch fields of every pair (`EmbeddingExtractor`)."""
+        return self.extract(params, self._batches(), keep_images=keep_images)
+
     def evaluate(self, params) -> tuple[dict, dict]:
         """(metrics, extracted embeddings and batch fields)."""
-        data = self.extract(params, self._batches(), keep_images=self.figure_queries)
+        data = self.embed(params, keep_images=self.figure_queries)
         groups = report_groups(data["reports"], data["text_ids"]) if self.match_identical else None
         metrics = retrieval_metrics(
             data["image_emb"], data["text_emb"], groups=groups, findings=data["findings"]

@@ -12,6 +12,11 @@ on the data: token ids only mean something to the text tower that learned them.
 Writes OUT/retrieval_{split}_step{N}.json (metrics, step, split, checkpoint) and
 OUT/figures/retrieval_{split}_step{N}.png; OUT defaults to the workdir, whose
 training outputs (retrieval_metrics.json, figures/retrieval_STEP.png) it leaves alone.
+
+`finding_probe=True` (`--finding-probe`) adds, for data with finding labels, the
+per-finding AUC of linear probes fitted on the train pairs' image and report
+embeddings ("image_auc/NAME", "text_auc/NAME"; `finding_probe.py`): which findings
+each tower encodes, hence what limits R@1.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import ml_collections
 
 from mimjax import inference, sharding
+from mimjax.evaluators import finding_probe as finding_probe_lib
 from mimjax.evaluators import retrieval
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ def evaluate_checkpoint(
     use_ema: bool = False,
     batch_size: int | None = None,
     config=None,
+    finding_probe: bool = False,
 ) -> dict:
     """Retrieval metrics of step `step` (None = latest) on `split`; see the module
     docstring for what is written. data_dir overrides the run's config.data.dir;
@@ -77,12 +84,24 @@ def evaluate_checkpoint(
         data_cfg.dir = data_dir
     out_dir = out_dir or workdir
     mesh = sharding.make_mesh({"data": -1})
+    spec = ModelSpec.from_config(config.model)
     hooks = retrieval.RetrievalHooks.for_split(
-        config, ModelSpec.from_config(config.model), mesh, out_dir, None, split=split,
+        config, spec, mesh, out_dir, None, split=split,
         data_cfg=data_cfg, tokenizer=tokenizer, batch_size=batch_size)
     log.info("Scoring step %d of %s", checkpoint.step, workdir)
     params = jax.device_put(checkpoint.params, sharding.replicated(mesh))
     metrics, data = hooks.evaluate(params)
+    if finding_probe:
+        if not hooks.label_names:
+            raise ValueError(
+                "the finding probe needs finding labels, and these pairs have none; "
+                "drop --finding-probe."
+            )
+        train_hooks = retrieval.RetrievalHooks.for_split(
+            config, spec, mesh, out_dir, None, split="train",
+            data_cfg=data_cfg, tokenizer=tokenizer, batch_size=batch_size)
+        metrics.update(finding_probe_lib.finding_probe_auc(
+            train_hooks.embed(params), data, hooks.label_names))
     name = f"retrieval_{split}_step{checkpoint.step}"
     hooks.figure(data, os.path.join(out_dir, "figures", f"{name}.png"),
                  f"retrieval, {split} split, step {checkpoint.step}")
