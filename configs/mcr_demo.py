@@ -33,6 +33,10 @@ measured over seeds 0, 1, 2 (`--config.seed=N`): MCR i2t R@1 0.024-0.068, R@5
 0.12-0.27, R@10 0.27-0.52, median rank 10-22 (t2i R@10 0.31-0.52); the CLIP baseline
 (`:clip`) i2t R@1 0.005-0.029, R@10 0.08-0.22, median rank 26-51. Runs vary with the
 seed because the contrastive loss stays at ln 32 for the first 400-900 steps.
+What holds R@1 back: `python tools/evaluate_retrieval.py --workdir W --finding-probe`
+shows the image embeddings encode effusion, pneumothorax and cardiomegaly (AUC
+0.95-1.0) but not the nodules and masses (0.5-0.6; the report side: 0.84-0.98), and
+an image tower blind to the lesions is capped at strict R@1 0.117 on this split.
 `:tiny` is a seconds-long variant used by the test suite.
 """
 

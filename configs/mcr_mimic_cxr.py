@@ -42,7 +42,9 @@ frontal train pairs (~420 steps per epoch, ~21k steps for 50 epochs) that is
 if the input pipeline delivers the ~2,400 pairs/s that takes (on 8 GPUs the
 pipeline, not the FLOPs, sets the pace). Memory: XLA:CPU's analysis gives ~0.32 GB
 of temporaries per pair (+ 2.7 GB of state), so batch 512 needs several GPUs
-(64 pairs each) or, on one 80-GB GPU, --config.grad_accum_steps=4. Evals every
+(64 pairs each) or, on one 80-GB GPU, --config.grad_accum_steps=4 (which takes the
+contrastive negatives from each microbatch of 128 pairs, not from all 512: the
+trainer warns; `contrastive.py` needs the global batch on the devices). Evals every
 2,000 steps embed the val split (~1.8k frontal pairs) unmasked: seconds.
 Expected result: retrieval metrics in metrics.jsonl ("retrieval/i2t_R@1" ... median
 ranks) and WORKDIR/retrieval_metrics.json; the paper reports MCR above the

@@ -286,6 +286,15 @@ def validate_config(config, mesh) -> None:
         raise ValueError(
             f"Each microbatch ({b} / grad_accum_steps {k} = {b // k}) must split evenly over "
             f"the {batch_shards} batch shards (mesh data x fsdp); change the batch or the mesh.")
+    itc = config.get("objectives", {}).get("mcr", {}).get("itc_weight", 0.0)
+    if k > 1 and config.get("task", None) == "image_text" and itc:
+        # The loss runs once per microbatch, so each sees only its own reports.
+        log.warning(
+            "grad_accum_steps %d: the contrastive loss takes its negatives from each "
+            "microbatch of %d pairs, not from the global batch of %d; it is the loss of "
+            "batch %d, with %d times fewer negatives. For global-batch negatives use more "
+            "devices (or a smaller global batch) with grad_accum_steps=1.", k, b // k, b,
+            b // k, k)
 
 
 class _StopRequest:

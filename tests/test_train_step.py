@@ -158,3 +158,21 @@ def test_trainer_import_pulls_no_tensorflow():
     code = ("import sys, main, mimjax.train, input_pipeline.pipeline; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_gradient_accumulation_warns_that_contrastive_negatives_shrink(caplog):
+    """Accumulation runs the loss per microbatch: an image-report run is told its
+    contrastive negatives come from B/k pairs, and other runs are not warned."""
+    from configs import mcr_demo
+
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    config = mcr_demo.get_config("tiny")
+    config.grad_accum_steps = 2
+    with caplog.at_level("WARNING", logger="mimjax.train"):
+        train.validate_config(config, mesh)
+    assert "microbatch of 4 pairs, not from the global batch of 8" in caplog.text
+    caplog.clear()
+    config.objectives.mcr.itc_weight = 0.0
+    with caplog.at_level("WARNING", logger="mimjax.train"):
+        train.validate_config(config, mesh)
+    assert "microbatch" not in caplog.text
