@@ -37,6 +37,8 @@ What holds R@1 back: `python tools/evaluate_retrieval.py --workdir W --finding-p
 shows the image embeddings encode effusion, pneumothorax and cardiomegaly (AUC
 0.95-1.0) but not the nodules and masses (0.5-0.6; the report side: 0.84-0.98), and
 an image tower blind to the lesions is capped at strict R@1 0.117 on this split.
+Longer runs learn the lesions: `--config.total_steps=8000` (~40 min) reached val i2t
+R@1 0.146, R@10 0.922, median rank 4 (lesion probes 0.56-0.76).
 `:tiny` is a seconds-long variant used by the test suite.
 """
 
