@@ -26,6 +26,12 @@ def test_probe_tells_which_tower_encodes_which_finding():
     assert abs(metrics["image_auc/B"] - 0.5) < 0.1  # not encoded: chance
     assert metrics["image_auc/macro"] == pytest.approx(
         (metrics["image_auc/A"] + metrics["image_auc/B"]) / 2)
+    assert metrics["probe_train_pairs"] == 400
+    # The probes learn from the train pairs only: flipped train labels invert the scores.
+    flipped = _pairs(400, 0)
+    flipped["findings"] = 1 - flipped["findings"]
+    metrics = finding_probe.finding_probe_auc(flipped, _pairs(300, 1), ("A", "B"))
+    assert metrics["image_auc/A"] < 0.05 and metrics["text_auc/B"] < 0.05
 
 
 def test_undefined_findings_and_missing_labels():

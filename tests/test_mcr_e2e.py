@@ -4,6 +4,7 @@ draw retrieval figures, keep the tokenizer and the run config with the checkpoin
 and resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,9 +129,12 @@ def test_standalone_retrieval_reproduces_the_training_evals(trained, tmp_path):
         assert probed[key] == value, key
     for side in ("image", "text"):
         assert {f"{side}_auc/{name}" for name in LABEL_NAMES + ("macro",)} <= set(probed)
-        defined = [v for k, v in probed.items() if k.startswith(side) and v == v]
+        defined = [v for k, v in probed.items()
+                   if k.startswith(f"{side}_auc/") and not math.isnan(v)]
         assert defined and all(0.0 <= v <= 1.0 for v in defined)
-    assert "finding probe AUC" in proc.stdout and "pneumothorax_left" in proc.stdout
+    assert probed["probe_train_pairs"] == 64  # fit on the train split, not on val
+    assert "finding probe AUC (fit on 64 train pairs" in proc.stdout
+    assert "pneumothorax_left" in proc.stdout
 
     proc = _evaluate("--workdir", workdir, "--step", 5)
     assert proc.returncode == 2 and "No checkpoint for step 5" in proc.stderr

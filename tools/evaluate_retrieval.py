@@ -86,7 +86,8 @@ def main(argv=None) -> int:
             + f"  median rank {metrics[f'{direction}_median_rank']:.0f}")
     probed = [k[len("image_auc/"):] for k in metrics if k.startswith("image_auc/")]
     if probed:
-        print("finding probe AUC (image embedding / report embedding):")
+        print(f"finding probe AUC (fit on {metrics['probe_train_pairs']} train pairs; "
+              "image embedding / report embedding):")
         width = max(len(name) for name in probed)
         for name in probed:
             print(f"  {name:<{width}}  {metrics[f'image_auc/{name}']:.3f} / "

@@ -29,8 +29,8 @@ def finding_probe_auc(
 ) -> dict[str, float]:
     """train / evaluated: "image_emb", "text_emb" (N, P) and "findings" (N, K) multi-hot,
     as `retrieval.EmbeddingExtractor` gives them. Returns {"image_auc/NAME",
-    "text_auc/NAME", "image_auc/macro", "text_auc/macro"}; a finding absent from or
-    present in every evaluated pair gets NaN (its AUC is undefined)."""
+    "text_auc/NAME", "image_auc/macro", "text_auc/macro", "probe_train_pairs"}; a finding
+    absent from or present in every evaluated pair gets NaN (its AUC is undefined)."""
     names = tuple(label_names)
     for split, data in (("train", train), ("evaluated", evaluated)):
         findings = data.get("findings", None)
@@ -41,7 +41,7 @@ def finding_probe_auc(
                 f"the finding probe, got {shape}; the data must carry finding labels "
                 "(the phantom's finding_labels or MIMIC-CXR's chexpert)."
             )
-    metrics = {}
+    metrics = {"probe_train_pairs": len(train["findings"])}
     for side, key in SIDES:
         probe = linear_probe.fit_ridge_probe(
             train[key], np.asarray(train["findings"]), num_classes=len(names), multilabel=True

@@ -88,20 +88,22 @@ def evaluate_checkpoint(
     hooks = retrieval.RetrievalHooks.for_split(
         config, spec, mesh, out_dir, None, split=split,
         data_cfg=data_cfg, tokenizer=tokenizer, batch_size=batch_size)
+    if finding_probe and not hooks.label_names:  # before any embedding is computed
+        raise ValueError(
+            "the finding probe needs finding labels, and these pairs have none; "
+            "drop --finding-probe."
+        )
     log.info("Scoring step %d of %s", checkpoint.step, workdir)
     params = jax.device_put(checkpoint.params, sharding.replicated(mesh))
     metrics, data = hooks.evaluate(params)
     if finding_probe:
-        if not hooks.label_names:
-            raise ValueError(
-                "the finding probe needs finding labels, and these pairs have none; "
-                "drop --finding-probe."
-            )
-        train_hooks = retrieval.RetrievalHooks.for_split(
-            config, spec, mesh, out_dir, None, split="train",
-            data_cfg=data_cfg, tokenizer=tokenizer, batch_size=batch_size)
-        metrics.update(finding_probe_lib.finding_probe_auc(
-            train_hooks.embed(params), data, hooks.label_names))
+        if split == "train":
+            train_data = data
+        else:
+            train_data = retrieval.RetrievalHooks.for_split(
+                config, spec, mesh, out_dir, None, split="train",
+                data_cfg=data_cfg, tokenizer=tokenizer, batch_size=batch_size).embed(params)
+        metrics.update(finding_probe_lib.finding_probe_auc(train_data, data, hooks.label_names))
     name = f"retrieval_{split}_step{checkpoint.step}"
     hooks.figure(data, os.path.join(out_dir, "figures", f"{name}.png"),
                  f"retrieval, {split} split, step {checkpoint.step}")
