@@ -51,7 +51,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from input_pipeline import sources
+from input_pipeline import rendered
 
 BITS_STORED = 12
 MAX_VALUE = (1 << BITS_STORED) - 1
@@ -947,7 +947,7 @@ def ensure_cxr_phantom_dataset(
     """Renders the paired phantom into shards once per data directory.
 
     Shards go to `cxr_phantom_dir(...)`; generation, reuse and concurrency as in
-    sources.ensure_rendered_dataset. Records are
+    rendered.ensure_rendered_dataset. Records are
     distributed round-robin over the shards (see records.write_shards):
     meta["phantom_index"] names the pair a record holds.
     """
@@ -956,7 +956,7 @@ def ensure_cxr_phantom_dataset(
             f"need num_images >= 1, size >= 32, num_shards >= 1, got {num_images}, {size}, "
             f"{num_shards}"
         )
-    return sources.ensure_rendered_dataset(
+    return rendered.ensure_rendered_dataset(
         cxr_phantom_dir(data_dir, num_images=num_images, seed=seed, size=size),
         render_cxr,
         num_images=num_images,

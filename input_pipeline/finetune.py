@@ -1,16 +1,17 @@
 """Fine-tuning and evaluation input pipelines: labelled splits, augmented
 training batches, and padded one-pass evaluation batches.
 
-Splits (`split_source`)
-  arrayrecord: `data_cfg.dir` is the output root of tools/prepare_data.py; split
+Splits (`split_source`, i.e. sources.resolve; docs/data_sources.md)
+  prepared: `data_cfg.dir` is the output root of tools/prepare_data.py; split
     "val" is the shards in `dir/val/`.
   phantom: the generated phantom has no split folders. Records are ranked by a
     salted hash of their index and cut at `data_cfg.phantom_split` (train, val,
     test fractions): deterministic, exact sizes, no record in two splits.
+  tfds: the TFDS split `data_cfg.tfds.splits[split]`.
   With data_cfg.roi_context > 0 each record's image is first cut to a square
   around its lesion (meta "lesion_center", "lesion_radius_px"; see roi_crop), so
   the phantom's whole mammograms become lesion crops like CBIS-DDSM's.
-  In both cases batch["index"] is the record's index *within the split*, i.e.
+  In every case batch["index"] is the record's index *within the split*, i.e.
   `split_source(data_cfg, split)[index]` is the record a batch row came from.
 
 make_finetune_train_dataset graph (per process), shaped like the pretraining
@@ -19,7 +20,7 @@ pipeline (see pipeline.py) so the trainer checkpoints it the same way:
   record indices                        one entry per stream position
     plain:    range(n).shuffle(s0).repeat()          epoch e reshuffled
     balanced: position -> draw of epoch e            weighted, with replacement
-  .map(read + decode)                   {"image", "meta", "index"}
+  .map(read + decode)                   {"image", "meta", "index"} (source.decoder)
   .random_map(FinetuneAugment, seed=s1) rng seeded by GLOBAL stream position
   -- pipeline.ResumableBatches: per-process slice, batch, threads, mp_prefetch --
 
@@ -44,9 +45,7 @@ over the built batches 0.25 ms per record.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -57,11 +56,12 @@ import grain
 import ml_collections
 import numpy as np
 
-from input_pipeline import pipeline, records, sources, transforms
+from input_pipeline import pipeline, sources, transforms
+from input_pipeline.record_source import RecordSource
 
-SPLITS = ("train", "val", "test")
-# Changing the salt reassigns every phantom record to a new split.
-_PHANTOM_SPLIT_SALT = "mimjax-phantom-split-v1"
+SPLITS = sources.SPLITS
+# The phantoms' split (moved to the resolver, which every pipeline shares).
+phantom_split_indices = sources.phantom_split_indices
 
 
 def default_finetune_data_config() -> ml_collections.ConfigDict:
@@ -72,7 +72,6 @@ def default_finetune_data_config() -> ml_collections.ConfigDict:
     # Meta key of a single-class label to balance training batches on (each
     # class equally likely per draw); None = plain shuffled epochs.
     c.balanced_label = ml_collections.FieldReference(None, field_type=str)
-    c.phantom_split = (0.8, 0.1, 0.1)  # phantom only: train, val, test fractions
     # roi_context / roi_min_px (pipeline.default_data_config): lesion-centred crops,
     # CBIS-DDSM's "cropped image" for records holding a whole mammogram; 0 = off
     # (records already are lesion crops, e.g. the cbis_ddsm builder's).
@@ -87,124 +86,13 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 # ------------------------------------------------------------------ splits
 
 
-class SplitView:
-    """Records `record_indices` of an ArrayRecordImageSource as a source of their
-    own: view[i] is source[record_indices[i]] with "index" set to i.
-
-    Picklable (the source reopens its readers after unpickling), so it can be
-    handed to grain workers.
-    """
-
-    def __init__(self, source: sources.ArrayRecordImageSource, record_indices: Sequence[int]):
-        self._source = source
-        self.record_indices = np.asarray(record_indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.record_indices)
-
-    def __getitem__(self, index: int) -> dict:
-        element = self._source[int(self.record_indices[index])]
-        element["index"] = int(index) % len(self)
-        return element
-
-    @property
-    def paths(self) -> list[str]:
-        return self._source.paths
-
-    def __repr__(self) -> str:
-        return f"SplitView({len(self)} of {len(self._source)} records)"
-
-
-class _RawSubset:
-    """Record bytes of `record_indices` of the shards at `paths` (picklable)."""
-
-    def __init__(self, paths: Sequence[str], record_indices: np.ndarray | None):
-        self._raw = grain.sources.ArrayRecordDataSource(list(paths))
-        self._indices = record_indices
-
-    def __len__(self) -> int:
-        return len(self._raw) if self._indices is None else len(self._indices)
-
-    def __getitem__(self, index: int) -> bytes:
-        if self._indices is not None:
-            index = int(self._indices[index])
-        return self._raw[index]
-
-
-def _raw_records(src: sources.ArrayRecordImageSource | SplitView) -> _RawSubset:
-    # The training graph reads bytes and decodes in a map step (see
-    # pipeline._decoded_records for why grain should not see decoded elements).
-    return _RawSubset(src.paths, src.record_indices if isinstance(src, SplitView) else None)
-
-
-def phantom_split_indices(num_records: int, fractions: Sequence[float], split: str) -> np.ndarray:
-    """Sorted record indices of `split` ("train", "val" or "test").
-
-    Records are ranked by a salted hash of their index (a fixed pseudo-random
-    permutation) and the ranking is cut at the cumulative fractions, rounded:
-    the three splits are disjoint, cover every record, and are the same on
-    every run and machine.
-    """
+def split_source(data_cfg: Any, split: str) -> RecordSource:
+    """Random-access source of one split's records ({"image", "meta", "index"}):
+    sources.resolve(data_cfg, split) for split "train", "val" or "test" (see the
+    module docstring). An empty split is an error."""
     if split not in SPLITS:
-        raise ValueError(f"phantom split must be one of {SPLITS}, got {split!r}")
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(
-            f"phantom_split must be 3 non-negative fractions (train, val, test) summing "
-            f"to 1, got {fractions}"
-        )
-    keys = [
-        int.from_bytes(
-            hashlib.blake2b(f"{_PHANTOM_SPLIT_SALT}:{i}".encode(), digest_size=8).digest(), "big"
-        )
-        for i in range(num_records)
-    ]
-    order = np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")
-    bounds = [0, *(round(num_records * c) for c in np.cumsum(fractions)[:2]), num_records]
-    k = SPLITS.index(split)
-    return np.sort(order[bounds[k] : bounds[k + 1]])
-
-
-def split_source(data_cfg: Any, split: str) -> sources.ArrayRecordImageSource | SplitView:
-    """Random-access source of one split's records ({"image", "meta", "index"}).
-
-    arrayrecord: the shards in `data_cfg.dir/split/` (tools/prepare_data.py's
-    layout). phantom: a SplitView of the phantom made by pipeline.make_source,
-    split by `phantom_split_indices` with `data_cfg.phantom_split`.
-    An empty split is an error: nothing can train or evaluate on it.
-    """
-    kind = _get(data_cfg, "source")
-    if kind == "arrayrecord":
-        root = os.fspath(data_cfg.dir)
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            present = (
-                sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-                if os.path.isdir(root)
-                else None
-            )
-            found = f"it has {present}" if present is not None else "it does not exist"
-            raise FileNotFoundError(
-                f"no {split!r} split folder {folder!r} ({found}): data.dir must be the "
-                "output root of tools/prepare_data.py, which writes train/, val/ and test/ "
-                "sub-folders; give rows of that split in the manifest (or --split fractions) "
-                "and ingest again"
-            )
-        src = sources.ArrayRecordImageSource(records.list_shards(folder))
-        where = folder
-    elif kind == "phantom":
-        full = pipeline.make_source(data_cfg)
-        fractions = _get(data_cfg, "phantom_split", (0.8, 0.1, 0.1))
-        src = SplitView(full, phantom_split_indices(len(full), fractions, split))
-        where = f"the phantom ({len(full)} records, phantom_split={tuple(fractions)})"
-    else:
-        raise ValueError(f"data source must be 'phantom' or 'arrayrecord', got {kind!r}")
-    if len(src) == 0:
-        raise ValueError(
-            f"the {split!r} split of {where} has no records: ingest records into it, or for "
-            "the phantom raise phantom_num_images or that split's phantom_split fraction"
-        )
-    return src
+        raise sources.DataSourceError(f"split must be one of {SPLITS}, got {split!r}")
+    return sources.resolve(data_cfg, split)
 
 
 # --------------------------------------------------------------- per record
@@ -322,14 +210,16 @@ class FinetuneAugment(grain.transforms.RandomMap):
 
 class _ReadRecord:
     """Record index (within the split) -> {"image", "meta", "index"}, the image
-    cut to its lesion when roi_context > 0."""
+    cut to its lesion when roi_context > 0. Holds the split's raw records and
+    decoder, not the source, so that grain workers receive only what they read
+    (see pipeline._decoded_records)."""
 
-    def __init__(self, raw: _RawSubset, roi_context: float = 0.0, roi_min_px: int = 32):
-        self.raw = raw
+    def __init__(self, src: RecordSource, roi_context: float = 0.0, roi_min_px: int = 32):
+        self.raw, self.decoder = src.records, src.decoder
         self.roi_context, self.roi_min_px = roi_context, roi_min_px
 
     def __call__(self, index: int) -> dict:
-        image, meta = records.decode_record(self.raw[int(index)])
+        image, meta = self.decoder.decode(self.raw[int(index)])
         if self.roi_context:
             _check_2d(image, int(index))
             image = transforms.roi_crop(image, meta, int(index), self.roi_context, self.roi_min_px)
@@ -390,11 +280,11 @@ class BalancedDraws:
         self._cache, self._lock = {}, threading.Lock()
 
 
-def _single_class_labels(raw: _RawSubset, key: str) -> np.ndarray:
+def _single_class_labels(src: RecordSource, key: str) -> np.ndarray:
     """meta[key] of every record, which must be one class (int, bool or str) each."""
     values = []
-    for i in range(len(raw)):
-        meta = records.decode_meta(raw[i])
+    for i in range(len(src)):
+        meta = src.meta(i)
         if key not in meta:
             raise KeyError(
                 f"record {i} has no label {key!r} to balance on (keys: {sorted(meta)}); "
@@ -442,15 +332,14 @@ def make_finetune_train_dataset(
             f"the {split!r} split has {len(src)} records, too few for a global batch of "
             f"{global_batch_size}"
         )
-    raw = _raw_records(src)
     # Independent streams for the record order and the augmentation.
     order_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     balanced_label = _get(data_cfg, "balanced_label", None)
     if balanced_label:
-        draws = BalancedDraws(_single_class_labels(raw, balanced_label), order_seed)
+        draws = BalancedDraws(_single_class_labels(src, balanced_label), order_seed)
         indices = grain.MapDataset.range(sys.maxsize).map(draws)
     else:
-        indices = grain.MapDataset.range(len(raw)).shuffle(seed=order_seed).repeat()
+        indices = grain.MapDataset.range(len(src)).shuffle(seed=order_seed).repeat()
     augment = FinetuneAugment(
         image_size,
         crop_scale=tuple(_get(data_cfg, "crop_scale", (0.5, 1.0))),
@@ -462,7 +351,7 @@ def make_finetune_train_dataset(
         channels=int(_get(data_cfg, "channels", 1)),
         label_keys=label_keys,
     )
-    stream = indices.map(_ReadRecord(raw, *transforms.roi_settings(data_cfg))).random_map(
+    stream = indices.map(_ReadRecord(src, *transforms.roi_settings(data_cfg))).random_map(
         augment, seed=augment_seed
     )
 
@@ -553,9 +442,7 @@ def make_eval_batches(
         std=float(data_cfg.norm_std),
         channels=int(_get(data_cfg, "channels", 1)),
     )
-    read = _ReadRecord(
-        _raw_records(split_source(data_cfg, split)), *transforms.roi_settings(data_cfg)
-    )
+    read = _ReadRecord(split_source(data_cfg, split), *transforms.roi_settings(data_cfg))
     pixels, max_values, labels = [], [], []
     for i in range(len(read.raw)):
         record = read(i)

@@ -1,16 +1,18 @@
 """Image-report pairs for contrastive / masked image-text pretraining (MCR):
 resumable training batches, and one-pass evaluation pairs for retrieval.
 
-Sources (`data_cfg.source`)
+Sources (`data_cfg.source`, resolved by sources.resolve; docs/data_sources.md)
   cxr_phantom: the paired chest X-ray phantom (input_pipeline/cxr_phantom.py),
     rendered into shards once under `data_cfg.dir`; split into train / val /
-    test by finetune.phantom_split_indices with `phantom_split`.
-  arrayrecord: tools/prepare_data.py's output root (`dir/train`, `dir/val`,
-    `dir/test`), e.g. MIMIC-CXR ingested with its reports. A record is a pair
-    when meta[report_key] is a non-empty report and, if the record has a
-    "view_group", it is one of `view_groups` (frontal by default). Which records
-    qualify is found by reading every record's metadata once per split, cached
-    in `dir/pairs_index_{split}.json`.
+    test by sources.phantom_split_indices with `phantom_split`.
+  prepared: tools/prepare_data.py's output root (`dir/train`, `dir/val`,
+    `dir/test`), e.g. MIMIC-CXR ingested with its reports.
+  tfds: a TFDS dataset with a report feature (`data_cfg.tfds.report`).
+  A record is a pair when meta[report_key] is a non-empty report and, if the
+  record has a "view_group", it is one of `view_groups` (frontal by default).
+  Which records qualify is found by reading every record's metadata once per
+  split; for a whole shard folder (a prepared split) the result is cached in
+  `<data root>/pairs_index_{split}.json`.
 
 The pair index (batch["pair_index"]) is a pair's position within its split;
 `pair_split(data_cfg, split).record_indices[pair_index]` is its record.
@@ -18,8 +20,9 @@ The pair index (batch["pair_index"]) is a pair's position within its split;
 Text: meta[report_key] -> text.preprocess_report -> the tokenizer ->
 [CLS] ... [SEP] [PAD]... of length max_text_length (text.encode_report). The
 tokenizer is trained once per data directory on the train split's reports and
-saved as `tokenizer_path(data_cfg)` (the phantom's shard folder, or `dir`, +
-"/tokenizer.json"); later runs load it, and a vocabulary size that does not
+saved as `tokenizer_path(data_cfg)` (sources.data_root: the phantom's shard
+folder, the prepared `dir`, or the TFDS dataset's folder, + "/tokenizer.json");
+later runs load it, and a vocabulary size that does not
 match `vocab_size` is an error (delete the file or change the setting). No
 token masking happens here: the model masks text with its step rng.
 
@@ -52,7 +55,16 @@ import grain
 import ml_collections
 import numpy as np
 
-from input_pipeline import cxr_phantom, finetune, pipeline, records, text, transforms
+from input_pipeline import (
+    cxr_phantom,
+    finetune,
+    pipeline,
+    sources,
+    text,
+    tfds_source,
+    transforms,
+)
+from input_pipeline.record_source import RecordSource
 
 SPLITS = finetune.SPLITS
 
@@ -60,16 +72,19 @@ SPLITS = finetune.SPLITS
 def default_pairs_data_config() -> ml_collections.ConfigDict:
     """Data settings of image-report pretraining (phantom, 256 px pairs)."""
     c = ml_collections.ConfigDict()
-    c.source = "cxr_phantom"  # "cxr_phantom" | "arrayrecord"
-    # cxr_phantom: directory the shards are generated in (once);
-    # arrayrecord: tools/prepare_data.py's output root (train/, val/, test/).
+    # Where the pairs come from (input_pipeline/sources.py, docs/data_sources.md):
+    # "cxr_phantom" (rendered once under dir), "prepared" (tools/prepare_data.py's
+    # output root: dir/train, dir/val, dir/test) or "tfds" (data.tfds, with
+    # tfds.report naming the report feature).
+    c.source = "cxr_phantom"
     c.dir = "data"
     c.phantom_num_images = 2048
     c.phantom_size = 256
     c.phantom_seed = 0
     c.phantom_split = (0.8, 0.1, 0.1)  # cxr_phantom: train, val, test fractions
-    # arrayrecord: keep records whose meta "view_group" is one of these (records
-    # without the key are kept); () keeps every view.
+    c.tfds = tfds_source.default_tfds_config()  # source "tfds": dataset, splits, features
+    # Keep records whose meta "view_group" is one of these (records without the
+    # key are kept); () keeps every view.
     c.view_groups = ("frontal",)
     c.report_key = "report"  # meta key of the report text
     # Meta key of the per-pair finding labels for evaluation ("same findings"
@@ -104,20 +119,35 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 class PairSplit:
-    """The pairs of one split: raw record bytes by pair index (picklable, for
-    grain workers: the reader reopens lazily after unpickling)."""
+    """The pairs of one split: raw records by pair index (picklable, for grain
+    workers), decoded with `decode` / `decode_meta`."""
 
-    def __init__(self, paths: Sequence[str], record_indices: Sequence[int], *, name: str):
-        self.paths = list(paths)
-        self.record_indices = np.asarray(record_indices, dtype=np.int64)
+    def __init__(self, source: RecordSource, *, name: str):
+        self.source = source
         self.name = name
-        self._raw = grain.sources.ArrayRecordDataSource(self.paths)
+        self._raw = source.records
+        self.decoder = source.decoder
+
+    @property
+    def record_indices(self) -> np.ndarray:
+        """Each pair's record in the split's underlying records (sources.RecordSource)."""
+        return self.source.record_indices
+
+    @property
+    def paths(self) -> list[str] | None:
+        return self.source.paths
 
     def __len__(self) -> int:
-        return len(self.record_indices)
+        return len(self._raw)
 
-    def __getitem__(self, pair_index: int) -> bytes:
-        return self._raw[int(self.record_indices[pair_index])]
+    def __getitem__(self, pair_index: int):
+        return self._raw[int(pair_index)]
+
+    def decode(self, data) -> tuple[np.ndarray, dict]:
+        return self.decoder.decode(data)
+
+    def decode_meta(self, data) -> dict:
+        return self.decoder.decode_meta(data)
 
     def __repr__(self) -> str:
         return f"PairSplit({self.name}: {len(self)} pairs)"
@@ -125,50 +155,25 @@ class PairSplit:
 
 def pairs_root(data_cfg: Any) -> str:
     """Folder the pair data (and by default the tokenizer) belongs to."""
-    kind = _get(data_cfg, "source")
-    if kind == "cxr_phantom":
-        return cxr_phantom.cxr_phantom_dir(
-            data_cfg.dir,
-            num_images=int(data_cfg.phantom_num_images),
-            seed=int(data_cfg.phantom_seed),
-            size=int(data_cfg.phantom_size),
-        )
-    if kind == "arrayrecord":
-        return os.fspath(data_cfg.dir)
-    raise ValueError(f"pairs data source must be 'cxr_phantom' or 'arrayrecord', got {kind!r}")
+    return sources.data_root(data_cfg)
 
 
 def pair_split(data_cfg: Any, split: str) -> PairSplit:
     """The pairs of `split` ("train", "val" or "test"); see the module docstring.
     An empty split is an error."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    kind = _get(data_cfg, "source")
-    if kind == "cxr_phantom":
-        paths = cxr_phantom.ensure_cxr_phantom_dataset(
-            data_cfg.dir,
-            num_images=int(data_cfg.phantom_num_images),
-            seed=int(data_cfg.phantom_seed),
-            size=int(data_cfg.phantom_size),
-        )
-        count = int(data_cfg.phantom_num_images)
-        fractions = _get(data_cfg, "phantom_split", (0.8, 0.1, 0.1))
-        indices = finetune.phantom_split_indices(count, fractions, split)
-        where = f"the phantom ({count} pairs, phantom_split={tuple(fractions)})"
-    elif kind == "arrayrecord":
-        # Same folder layout and errors as fine-tuning.
-        paths = finetune.split_source(data_cfg, split).paths
-        indices = _qualifying_records(data_cfg, split, paths)
-        where = os.path.join(os.fspath(data_cfg.dir), split)
-    else:
-        raise ValueError(f"pairs data source must be 'cxr_phantom' or 'arrayrecord', got {kind!r}")
+        raise sources.DataSourceError(f"split must be one of {SPLITS}, got {split!r}")
+    src = sources.resolve(data_cfg, split)
+    indices = _qualifying_records(data_cfg, split, src)
     if len(indices) == 0:
-        raise ValueError(
-            f"the {split!r} split of {where} has no image-report pairs: ingest records with "
-            f"reports (meta {_get(data_cfg, 'report_key', 'report')!r}), check view_groups, "
-            "or for the phantom raise phantom_num_images or that split's fraction"
+        raise sources.DataSourceError(
+            f"the {split!r} split of {src.where} has no image-report pairs: ingest records with "
+            f"reports (meta {_get(data_cfg, 'report_key', 'report')!r}; for TFDS map the "
+            "report feature with data.tfds.report), check view_groups, or for the phantom "
+            "raise phantom_num_images or that split's fraction (the paired phantom is "
+            "data.source='cxr_phantom')"
         )
-    return PairSplit(paths, indices, name=split)
+    return PairSplit(src.subset(indices), name=split)
 
 
 def _exclusion(meta: dict, report_key: str, view_groups: tuple[str, ...]) -> str | None:
@@ -182,44 +187,50 @@ def _exclusion(meta: dict, report_key: str, view_groups: tuple[str, ...]) -> str
     return None
 
 
-def _qualifying_records(data_cfg: Any, split: str, paths: Sequence[str]) -> np.ndarray:
-    """Record indices of `paths` that are pairs; cached per split (see module
-    docstring). The cache names the shards (and their sizes) and the filter it
-    was made with, and is rebuilt when either changes."""
+def _qualifying_records(data_cfg: Any, split: str, src: RecordSource) -> np.ndarray:
+    """Positions in `src` of the records that are pairs.
+
+    For a whole shard folder the result is cached per split (see the module
+    docstring); the cache names the shards (and their sizes) and the filter it
+    was made with, and is rebuilt when either changes. Other sources (a phantom
+    split, TFDS) are scanned each time: their metadata is cheap to read.
+    """
     report_key = str(_get(data_cfg, "report_key", "report"))
     view_groups = tuple(_get(data_cfg, "view_groups", ()) or ())
-    key = {
-        "shards": [[os.path.basename(p), os.path.getsize(p)] for p in paths],
-        "report_key": report_key,
-        "view_groups": list(view_groups),
-    }
-    cache = os.path.join(os.fspath(data_cfg.dir), f"pairs_index_{split}.json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            stored = json.load(f)
-        if {k: stored.get(k) for k in key} == key:
-            return np.asarray(stored["kept"], dtype=np.int64)
-    raw = grain.sources.ArrayRecordDataSource(list(paths))
+    cache = None
+    if src.paths is not None and src.is_whole:
+        key = {
+            "shards": [[os.path.basename(p), os.path.getsize(p)] for p in src.paths],
+            "report_key": report_key,
+            "view_groups": list(view_groups),
+        }
+        cache = os.path.join(src.root, f"pairs_index_{split}.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                stored = json.load(f)
+            if {k: stored.get(k) for k in key} == key:
+                return np.asarray(stored["kept"], dtype=np.int64)
     kept, dropped = [], Counter()
-    for i in range(len(raw)):
-        reason = _exclusion(records.decode_meta(raw[i]), report_key, view_groups)
+    for i in range(len(src)):
+        reason = _exclusion(src.meta(i), report_key, view_groups)
         if reason is None:
             kept.append(i)
         else:
             dropped[reason] += 1
-    try:
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({**key, "kept": kept, "dropped": dict(dropped)}, f)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only data folder: scan again next time
+    if cache is not None:
+        try:
+            tmp = f"{cache}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({**key, "kept": kept, "dropped": dict(dropped)}, f)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only data folder: scan again next time
     return np.asarray(kept, dtype=np.int64)
 
 
 def split_reports(pairs: PairSplit, report_key: str = "report") -> list[str]:
     """The raw report of every pair of the split, in pair order."""
-    return [records.decode_meta(pairs[i])[report_key] for i in range(len(pairs))]
+    return [pairs.decode_meta(pairs[i])[report_key] for i in range(len(pairs))]
 
 
 # --------------------------------------------------------------- tokenizer
@@ -277,7 +288,7 @@ class _ReadPair(grain.transforms.Map):
         if self._tokenizer is None:
             self._tokenizer = text.tokenizer_from_json(self.tokenizer_json)
         index = int(index) % len(self.pairs)
-        image, meta = records.decode_record(self.pairs[index])
+        image, meta = self.pairs.decode(self.pairs[index])
         if image.ndim != 2:
             raise ValueError(
                 f"pair {index} of the {self.pairs.name!r} split has a {image.ndim}-D image "
@@ -515,7 +526,7 @@ def make_eval_pairs(
     pairs = pair_split(data_cfg, split)
     pixels, max_values, metas = [], [], []
     for i in range(len(pairs)):
-        image, meta = records.decode_record(pairs[i])
+        image, meta = pairs.decode(pairs[i])
         if image.ndim != 2:
             raise ValueError(f"pair {i} of {split!r} has a {image.ndim}-D image {image.shape}")
         pixels.append(transforms.resize_square(image, int(image_size)))
@@ -564,7 +575,7 @@ def measure_pair_intensity_stats(
     pairs = pair_split(data_cfg, split)
     total = total_sq = count = 0.0
     for i in range(min(num_images, len(pairs))):
-        image, meta = records.decode_record(pairs[i])
+        image, meta = pairs.decode(pairs[i])
         x = image.astype(np.float64) / transforms.intensity_max(image, meta)
         total += x.sum()
         total_sq += np.square(x).sum()

@@ -2,8 +2,8 @@
 
 make_pretrain_dataset graph (per process):
 
-  MapDataset.source(record bytes)
-    .map_with_index(decode)             {"image", "meta", "index"} as sources.py
+  MapDataset.source(raw records)       sources.resolve(data, pretrain_split(data))
+    .map_with_index(decode)             {"image", "meta", "index"}
     .shuffle(s0)                        global permutation of the records
     .repeat()                           infinite; epoch e reshuffled with s0 + e
     .random_map(augment, seed=s1)       rng seeded by GLOBAL stream position
@@ -46,22 +46,34 @@ import grain
 import ml_collections
 import numpy as np
 
-from input_pipeline import records, sources, transforms
+from input_pipeline import sources, tfds_source, transforms
+from input_pipeline.record_source import RecordSource
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     """Data settings every pretraining config starts from (phantom, 448 px)."""
     c = ml_collections.ConfigDict()
-    c.source = "phantom"  # "phantom" | "arrayrecord"
-    # phantom: directory the shards are generated in (once);
-    # arrayrecord: a directory of *.array_record shards or a glob.
+    # Where the records come from (input_pipeline/sources.py, docs/data_sources.md):
+    # "phantom" | "cxr_phantom" (rendered once under dir), "prepared" (a
+    # tools/prepare_data.py root: dir/train, dir/val, dir/test), "shards" (dir is
+    # a folder or glob of *.array_record shards, no splits), "tfds" (data.tfds).
+    c.source = "phantom"
     c.dir = "data"
+    # The split pretraining reads; None = the layout's default: every record of a
+    # phantom or shards folder, "train" of a prepared root or TFDS dataset.
+    c.split = ml_collections.FieldReference(None, field_type=str)
+    # Phantoms ("phantom", "cxr_phantom"): rendered once under dir, in a folder
+    # named by these three.
     c.phantom_num_images = 2048
     c.phantom_size = 448
     c.phantom_seed = 0
-    # phantom only: also ingest pydicom-data's two real CR radiographs (through
+    # Phantoms' train, val, test fractions when a split is asked for
+    # (sources.phantom_split_indices).
+    c.phantom_split = (0.8, 0.1, 0.1)
+    # Phantoms: also ingest pydicom-data's two real CR radiographs (through
     # tools/prepare_data.py's engine) and train on them beside the phantom.
     c.pydicom_cr = False
+    c.tfds = tfds_source.default_tfds_config()  # source "tfds": dataset, splits, features
     c.crop_scale = (0.2, 1.0)  # area fraction of the random resized crop
     c.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio range, sampled log-uniformly
     c.hflip = True
@@ -88,31 +100,14 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def make_source(data_cfg: Any) -> sources.ArrayRecordImageSource:
-    """The record source named by `data_cfg` (generating the phantom if needed)."""
-    kind = _get(data_cfg, "source")
-    if kind == "phantom":
-        paths = sources.ensure_phantom_dataset(
-            data_cfg.dir,
-            num_images=int(data_cfg.phantom_num_images),
-            seed=int(data_cfg.phantom_seed),
-            size=int(data_cfg.phantom_size),
-        )
-        if _get(data_cfg, "pydicom_cr", False):
-            paths = paths + sources.ensure_pydicom_cr_dataset(
-                data_cfg.dir, size=int(data_cfg.phantom_size)
-            )
-    elif kind == "arrayrecord":
-        paths = records.list_shards(data_cfg.dir)
-    else:
-        raise ValueError(f"data source must be 'phantom' or 'arrayrecord', got {kind!r}")
-    return sources.ArrayRecordImageSource(paths)
+def make_source(data_cfg: Any) -> RecordSource:
+    """The records pretraining reads: sources.resolve at sources.pretrain_split
+    (rendering a phantom the first time)."""
+    return sources.resolve(data_cfg, sources.pretrain_split(data_cfg))
 
 
-def _check_scales_fit(
-    data_cfg: Any, src: sources.ArrayRecordImageSource, scales: tuple[int, ...]
-) -> None:
-    if _get(data_cfg, "source") == "phantom":
+def _check_scales_fit(data_cfg: Any, src: RecordSource, scales: tuple[int, ...]) -> None:
+    if _get(data_cfg, "source") in sources.PHANTOMS:
         side, what = int(data_cfg.phantom_size), "phantom_size"
     else:
         # Records may differ in size; the first one is a cheap sanity check.
@@ -242,7 +237,7 @@ def _check_seed(seed: int) -> None:
 
 
 def _record_stream(
-    data_cfg: Any, src: sources.ArrayRecordImageSource, scales: tuple[int, ...], seed: int
+    data_cfg: Any, src: RecordSource, scales: tuple[int, ...], seed: int
 ) -> grain.MapDataset:
     augment = transforms.MultiScaleRandomCrop(
         scales,
@@ -263,15 +258,16 @@ def _record_stream(
 
 
 class _DecodeRecord:
-    """(index, record bytes) -> the element `sources.ArrayRecordImageSource` gives,
-    the image cut to its lesion when roi_context > 0 (transforms.roi_crop)."""
+    """(index, raw record) -> the element `src[index]` gives ({"image", "meta",
+    "index"}), the image cut to its lesion when roi_context > 0 (transforms.roi_crop)."""
 
-    def __init__(self, num_records: int, roi_context: float = 0.0, roi_min_px: int = 32):
+    def __init__(self, decoder, num_records: int, roi_context: float = 0.0, roi_min_px: int = 32):
+        self.decoder = decoder
         self.num_records = num_records
         self.roi_context, self.roi_min_px = roi_context, roi_min_px
 
-    def __call__(self, index: int, data: bytes) -> dict:
-        image, meta = records.decode_record(data)
+    def __call__(self, index: int, data) -> dict:
+        image, meta = self.decoder.decode(data)
         if self.roi_context:
             image = transforms.roi_crop(
                 image, meta, int(index) % self.num_records, self.roi_context, self.roi_min_px
@@ -282,7 +278,7 @@ class _DecodeRecord:
 
 
 def _decoded_records(
-    src: sources.ArrayRecordImageSource, roi_context: float = 0.0, roi_min_px: int = 32
+    src: RecordSource, roi_context: float = 0.0, roi_min_px: int = 32
 ) -> grain.MapDataset:
     """`src`'s elements, decoded in a map step rather than by the source.
 
@@ -290,9 +286,9 @@ def _decoded_records(
     bytes that is a len(), on a decoded element (image + a meta dict of a dozen
     or more leaves) it costs ~45 us per record, a twentieth of a worker's time.
     """
-    raw = grain.sources.ArrayRecordDataSource(src.paths)
+    raw = src.records
     return grain.MapDataset.source(raw).map_with_index(
-        _DecodeRecord(len(raw), roi_context, roi_min_px)
+        _DecodeRecord(src.decoder, len(raw), roi_context, roi_min_px)
     )
 
 

@@ -1,200 +1,398 @@
-"""Random-access data sources of decoded records, and the phantom dataset cache."""
+"""The one data-source resolver: (data config, split) -> RecordSource.
+
+Every input pipeline (pretraining, fine-tuning, image-report pairs) and every
+helper that reads data (eval batches, the fixed figure batch, intensity
+statistics) gets its records from `resolve`, so `data.source` means the same
+thing everywhere. One name per layout (docs/data_sources.md):
+
+  prepared     tools/prepare_data.py's output root: `data.dir/{train,val,test}/`
+               shard folders.
+  shards       a bare folder of `*.array_record` shards, or a glob (`data.dir`);
+               it has no splits of its own.
+  phantom      the mammography phantom (phantom.py), rendered once under
+               `data.dir` (PHANTOMS below).
+  cxr_phantom  the chest X-ray phantom with reports (cxr_phantom.py), likewise.
+  tfds         a TFDS dataset prepared in the ArrayRecord format, read without
+               TensorFlow (tfds_source.py; settings in `data.tfds`).
+
+Splits ("train", "val", "test", or None = every record of the layout):
+  prepared     the split's folder; None is refused (a prepared root is never
+               read whole: its test split must stay unseen).
+  shards       None and "train" are every record; "val" / "test" are refused.
+  phantoms     the records `phantom_split_indices` gives the split with
+               `data.phantom_split`; None = every record.
+  tfds         `data.tfds.splits[split]`, in TFDS slicing syntax; None refused.
+
+Pretraining reads `pretrain_split(data_cfg)`: `data.split` when set, else the
+layout's default: every record of a phantom or of a shards folder (what the
+demo has always pretrained on), the "train" split of a prepared root or of a
+TFDS dataset.
+
+The old name "arrayrecord" meant two layouts ("prepared" in fine-tuning and
+image-report configs, "shards" in pretraining); it is refused with a message
+that says which of the two `data.dir` looks like.
+
+Adding a phantom: a module with its `render(index, seed, size) -> (image,
+meta)`, an `ensure_*_dataset(data_dir, *, num_images, seed, size)` that renders
+it once through rendered.ensure_rendered_dataset and the folder function it
+writes to; then one line in PHANTOMS.
+"""
 
 from __future__ import annotations
 
-import json
-import multiprocessing
+import dataclasses
+import glob
+import hashlib
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from input_pipeline import records
+import grain
+import numpy as np
 
-_MARKER = "_COMPLETE.json"
+from input_pipeline import cxr_phantom, records, rendered, tfds_source
+from input_pipeline.record_source import (
+    DataNotFoundError,
+    DataSourceError,
+    MimjaxRecordDecoder,
+    RecordSource,
+)
+
+# The phantom caches lived here before rendered.py; tools and tests still name them here.
+from input_pipeline.rendered import (  # noqa: F401  (re-exported)
+    PYDICOM_CR_FILES,
+    ensure_phantom_dataset,
+    ensure_pydicom_cr_dataset,
+    ensure_rendered_dataset,
+    phantom_shards_dir,
+    pydicom_data_dir,
+)
+
+__all__ = [
+    "SPLITS",
+    "LAYOUTS",
+    "PHANTOMS",
+    "ArrayRecordImageSource",
+    "DataNotFoundError",
+    "DataSourceError",
+    "RecordSource",
+    "data_root",
+    "layout_name",
+    "source_names",
+    "phantom_split_indices",
+    "pretrain_split",
+    "resolve",
+]
+
+SPLITS = ("train", "val", "test")
+# Changing the salt reassigns every phantom record to a new split.
+_PHANTOM_SPLIT_SALT = "mimjax-phantom-split-v1"
 
 
-class ArrayRecordImageSource:
-    """ArrayRecord shards -> {"image": HxW uint array, "meta": dict, "index": int}.
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    # ConfigDict, FrozenConfigDict, dataclasses, SimpleNamespace alike.
+    return getattr(cfg, key, default)
 
-    Decoding happens here (not in a map step) so that every consumer, the
-    training pipeline and the fixed figure batch alike, sees the same decoded
-    element. `index` is the record's position in this source (sorted shards
-    concatenated), handy for debugging and for checking sharding. Picklable:
-    grain's ArrayRecordDataSource reopens its readers lazily after unpickling,
-    which is what spawned prefetch workers need.
+
+# --------------------------------------------------------------- phantoms
+
+
+@dataclasses.dataclass(frozen=True)
+class Phantom:
+    """A procedural dataset rendered into shards once per data directory.
+
+    Both functions take (data_dir, *, num_images, seed, size) from the config's
+    `dir`, `phantom_num_images`, `phantom_seed` and `phantom_size`.
     """
 
-    def __init__(self, paths: str | Sequence[str]):
+    ensure: Callable[..., list[str]]  # renders (once) and returns the shard paths
+    shards_dir: Callable[..., str]  # the folder `ensure` writes to
+    what: str  # for messages
+
+
+PHANTOMS: dict[str, Phantom] = {
+    "phantom": Phantom(
+        rendered.ensure_phantom_dataset, rendered.phantom_shards_dir, "mammography phantom"
+    ),
+    "cxr_phantom": Phantom(
+        cxr_phantom.ensure_cxr_phantom_dataset, cxr_phantom.cxr_phantom_dir, "chest X-ray phantom"
+    ),
+}
+
+
+def _phantom_args(cfg: Any) -> dict[str, int]:
+    return {
+        "num_images": int(cfg.phantom_num_images),
+        "seed": int(cfg.phantom_seed),
+        "size": int(cfg.phantom_size),
+    }
+
+
+def phantom_split_indices(num_records: int, fractions: Sequence[float], split: str) -> np.ndarray:
+    """Sorted record indices of `split` ("train", "val" or "test").
+
+    Records are ranked by a salted hash of their index (a fixed pseudo-random
+    permutation) and the ranking is cut at the cumulative fractions, rounded:
+    the three splits are disjoint, cover every record, and are the same on
+    every run and machine.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"phantom split must be one of {SPLITS}, got {split!r}")
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(
+            f"phantom_split must be 3 non-negative fractions (train, val, test) summing "
+            f"to 1, got {fractions}"
+        )
+    keys = [
+        int.from_bytes(
+            hashlib.blake2b(f"{_PHANTOM_SPLIT_SALT}:{i}".encode(), digest_size=8).digest(), "big"
+        )
+        for i in range(num_records)
+    ]
+    order = np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")
+    bounds = [0, *(round(num_records * c) for c in np.cumsum(fractions)[:2]), num_records]
+    k = SPLITS.index(split)
+    return np.sort(order[bounds[k] : bounds[k + 1]])
+
+
+def _shard_source(paths: Sequence[str], *, where: str, root: str) -> RecordSource:
+    paths = list(paths)
+    return RecordSource(
+        grain.sources.ArrayRecordDataSource(paths),
+        MimjaxRecordDecoder(),
+        where=where,
+        root=root,
+        paths=paths,
+    )
+
+
+def _open_phantom(name: str, cfg: Any, split: str | None) -> RecordSource:
+    phantom = PHANTOMS[name]
+    args = _phantom_args(cfg)
+    paths = phantom.ensure(cfg.dir, **args)
+    if _get(cfg, "pydicom_cr", False):  # the demo's two real CR radiographs beside it
+        paths = paths + rendered.ensure_pydicom_cr_dataset(cfg.dir, size=args["size"])
+    root = phantom.shards_dir(cfg.dir, **args)
+    full = _shard_source(paths, where=f"the {phantom.what} in {root}", root=root)
+    if split is None:
+        return full
+    fractions = tuple(_get(cfg, "phantom_split", (0.8, 0.1, 0.1)))
+    return full.subset(
+        phantom_split_indices(len(full), fractions, split),
+        where=f"the {phantom.what} ({len(full)} records, phantom_split={fractions})",
+    )
+
+
+def _phantom_root(name: str, cfg: Any) -> str:
+    return PHANTOMS[name].shards_dir(cfg.dir, **_phantom_args(cfg))
+
+
+# -------------------------------------------------------- shard layouts
+
+
+def _subfolders(path: str) -> list[str] | None:
+    if not os.path.isdir(path):
+        return None
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+
+
+def _open_prepared(cfg: Any, split: str | None) -> RecordSource:
+    root = os.fspath(cfg.dir)
+    if split is None:
+        raise DataSourceError(
+            f"data.source='prepared' ({root}) is read one split at a time; name one "
+            f"(data.split, one of {SPLITS}): pretraining reads 'train' when data.split is None"
+        )
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        present = _subfolders(root)
+        found = f"it has {present}" if present is not None else "it does not exist"
+        raise DataNotFoundError(
+            f"no {split!r} split folder {folder!r} ({found}): with data.source='prepared', "
+            "data.dir must be the output root of tools/prepare_data.py, which writes train/, "
+            "val/ and test/ sub-folders; give rows of that split in the manifest (or --split "
+            "fractions) and ingest again (a bare folder of shards is data.source='shards')"
+        )
+    return _shard_source(records.list_shards(folder), where=folder, root=root)
+
+
+def _looks_prepared(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "train"))
+
+
+def _open_shards(cfg: Any, split: str | None) -> RecordSource:
+    where = os.fspath(cfg.dir)
+    if split not in (None, "train"):
+        raise DataSourceError(
+            f"data.source='shards' (data.dir={where!r}) is one set of shards with no splits, "
+            f"so it has no {split!r} split; for fine-tuning and evaluation point "
+            "--config.data.source=prepared --config.data.dir at a tools/prepare_data.py output "
+            "root (train/, val/, test/), or use a TFDS dataset (data.source='tfds')"
+        )
+    try:
+        paths = records.list_shards(where)
+    except FileNotFoundError as e:
+        hint = ""
+        if _looks_prepared(where):
+            hint = (
+                f"; {where!r} holds a train/ folder, i.e. it is a tools/prepare_data.py root: "
+                "set --config.data.source=prepared (pretraining then reads its train split)"
+            )
+        elif os.path.isdir(where):
+            hint = f"; it holds the folders {_subfolders(where)}"
+        raise DataNotFoundError(
+            f"data.source='shards': {e} (data.dir must be a folder of *.array_record shards or "
+            f"a glob of them){hint}"
+        ) from None
+    return _shard_source(paths, where=where, root=_shards_root(cfg))
+
+
+def _shards_root(cfg: Any) -> str:
+    """The folder itself, or for a glob or a file the deepest folder above it
+    with no pattern in its name."""
+    path = os.fspath(cfg.dir)
+    if glob.has_magic(path) or os.path.isfile(path):
+        path = os.path.dirname(path)
+        while glob.has_magic(path):
+            path = os.path.dirname(path)
+    return path or "."
+
+
+# -------------------------------------------------------------- TFDS
+
+
+def _open_tfds(cfg: Any, split: str | None) -> RecordSource:
+    if split is None:
+        raise DataSourceError(
+            "data.source='tfds' is read one split at a time; name one (data.split, one of "
+            f"{SPLITS}, mapped through data.tfds.splits): pretraining reads 'train' when "
+            "data.split is None"
+        )
+    return tfds_source.open_split(_get(cfg, "tfds"), split)
+
+
+def _tfds_root(cfg: Any) -> str:
+    return tfds_source.dataset_dir(_get(cfg, "tfds"))
+
+
+# ------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one `data.source` name reads its data."""
+
+    open: Callable[[Any, str | None], RecordSource]  # (data_cfg, split) -> source
+    root: Callable[[Any], str]  # the folder the data belongs to (tokenizer, caches)
+    pretrain_split: str | None  # what pretraining reads when data.split is None
+
+
+LAYOUTS: dict[str, Layout] = {
+    "prepared": Layout(_open_prepared, lambda cfg: os.fspath(cfg.dir), "train"),
+    "shards": Layout(_open_shards, _shards_root, None),
+    "tfds": Layout(_open_tfds, _tfds_root, "train"),
+}
+
+
+def _layout(kind: str) -> Layout:
+    """The layout of a checked source name: LAYOUTS, or a phantom of PHANTOMS
+    (looked up at call time, so a registered phantom needs nothing else)."""
+    if kind in PHANTOMS:
+        return Layout(
+            lambda cfg, split: _open_phantom(kind, cfg, split),
+            lambda cfg: _phantom_root(kind, cfg),
+            None,  # pretraining reads every record of a phantom
+        )
+    return LAYOUTS[kind]
+
+
+def source_names() -> list[str]:
+    """Every name data.source accepts."""
+    return sorted([*LAYOUTS, *PHANTOMS])
+
+
+def _renamed(kind: str, cfg: Any) -> DataSourceError:
+    where = os.fspath(_get(cfg, "dir", "") or "")
+    guess = "prepared" if where and _looks_prepared(where) else "shards"
+    return DataSourceError(
+        f"data.source={kind!r} was split into two names: 'prepared' for a "
+        "tools/prepare_data.py output root with train/, val/ and test/ folders (what "
+        "fine-tuning and image-report configs meant by it) and 'shards' for a bare folder or "
+        "glob of *.array_record shards (what pretraining meant). data.dir="
+        f"{where!r} looks like {guess!r}: set --config.data.source={guess} (in an old "
+        "workdir's config.json too)"
+    )
+
+
+def layout_name(data_cfg: Any) -> str:
+    """`data_cfg.source`, checked against LAYOUTS (and the retired names)."""
+    kind = _get(data_cfg, "source")
+    if kind == "arrayrecord":
+        raise _renamed(kind, data_cfg)
+    if kind not in LAYOUTS and kind not in PHANTOMS:
+        raise DataSourceError(
+            f"unknown data.source {kind!r}: one of {source_names()} (phantoms: "
+            f"{sorted(PHANTOMS)}; docs/data_sources.md)"
+        )
+    return kind
+
+
+def pretrain_split(data_cfg: Any) -> str | None:
+    """The split pretraining reads: data.split, or (None) the layout's default:
+    None = every record for phantoms and shards, "train" for prepared and tfds."""
+    split = _get(data_cfg, "split", None)
+    if split is None:
+        return _layout(layout_name(data_cfg)).pretrain_split
+    if split not in SPLITS:
+        raise DataSourceError(
+            f"data.split must be one of {SPLITS} or None (the layout's default), got {split!r}"
+        )
+    return split
+
+
+def resolve(data_cfg: Any, split: str | None) -> RecordSource:
+    """The records of `split` ("train", "val", "test"; None = every record, where
+    the layout allows it) of the data `data_cfg` names. Renders a phantom the
+    first time. An empty result is an error: nothing can train or evaluate on it."""
+    if split is not None and split not in SPLITS:
+        raise DataSourceError(f"split must be one of {SPLITS} (or None), got {split!r}")
+    kind = layout_name(data_cfg)
+    src = _layout(kind).open(data_cfg, split)
+    if len(src) == 0:
+        what = f"the {split!r} split of" if split else "data.source=" + repr(kind) + ","
+        raise DataSourceError(
+            f"{what} {src.where} has no records: ingest records into it, or for a phantom "
+            "raise phantom_num_images or that split's phantom_split fraction"
+        )
+    return src
+
+
+def data_root(data_cfg: Any) -> str:
+    """The folder the configured data belongs to (a phantom's shard folder, the
+    prepared root, the shards' folder, the TFDS dataset's version folder)."""
+    return _layout(layout_name(data_cfg)).root(data_cfg)
+
+
+# ------------------------------------------------------- direct shard reads
+
+
+class ArrayRecordImageSource(RecordSource):
+    """mimjax ArrayRecord shards (a folder, a glob, or a list of paths) as a
+    RecordSource: source[i] -> {"image", "meta", "index"}. For reading shards
+    directly (tests, tools); configs go through `resolve`."""
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str]):
         if isinstance(paths, (str, os.PathLike)):
             paths = records.list_shards(paths)
-        self._paths = list(paths)
-        # Imported here, not at module level, so phantom-rendering pool processes
-        # (which import this module for `_render`) start without grain and JAX.
-        import grain  # pylint: disable=g-import-not-at-top
-
-        self._source = grain.sources.ArrayRecordDataSource(self._paths)
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict:
-        image, meta = records.decode_record(self._source[index])
-        return {"image": image, "meta": meta, "index": int(index)}
-
-    @property
-    def paths(self) -> list[str]:
-        return list(self._paths)
+        paths = list(paths)
+        folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+        root = os.path.commonpath(folders) if folders else "."
+        source = _shard_source(paths, where=f"{len(paths)} shards in {root}", root=root)
+        super().__init__(
+            source.records, source.decoder, where=source.where, root=root, paths=paths
+        )
 
     def __repr__(self) -> str:
-        return f"ArrayRecordImageSource({len(self._paths)} shards, {len(self)} records)"
-
-
-def _init_render_worker() -> None:
-    # One process per core already; OpenCV's thread pool on top oversubscribes.
-    import cv2  # pylint: disable=g-import-not-at-top
-
-    cv2.setNumThreads(1)
-
-
-def _render(args):
-    # Module-level so a spawned pool can pickle it.
-    render_fn, index, seed, size = args
-    image, labels = render_fn(index, seed, size)
-    return image, labels
-
-
-def ensure_rendered_dataset(
-    out_dir: str,
-    render_fn,
-    *,
-    num_images: int,
-    seed: int,
-    size: int,
-    prefix: str,
-    num_shards: int = 4,
-    num_procs: int | None = None,
-    parallel_from: int = 64,
-) -> list[str]:
-    """Renders `render_fn(index, seed, size) -> (image, meta)` for every index into
-    shards `out_dir/{prefix}-*.array_record`, once.
-
-    A marker file is written last; if it exists the shards are reused untouched,
-    otherwise (first call, or a generation that was killed) everything is
-    regenerated. Concurrent generators (several hosts on a shared file system) are
-    safe: rendering is deterministic and every file appears by atomic rename.
-    `render_fn` must be module-level (spawned workers pickle it). num_procs:
-    rendering processes; None = one per core (at most 8) from `parallel_from`
-    images on, else 1. The result does not depend on it: images are rendered by
-    index and written in index order.
-    """
-    if num_images < 1 or size < 1 or num_shards < 1:
-        raise ValueError(
-            f"need num_images, size, num_shards >= 1, got {num_images}, {size}, {num_shards}"
-        )
-    marker = os.path.join(out_dir, _MARKER)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            done = json.load(f)
-        paths = [os.path.join(out_dir, p) for p in done["shards"]]
-        if all(os.path.exists(p) for p in paths):
-            return paths
-        # Someone deleted shards after completion: fall through and regenerate.
-
-    if num_procs is None:
-        num_procs = min(os.cpu_count() or 1, 8) if num_images >= parallel_from else 1
-    jobs = ((render_fn, i, seed, size) for i in range(num_images))
-    if num_procs > 1:
-        with multiprocessing.get_context("spawn").Pool(num_procs, _init_render_worker) as pool:
-            rendered = pool.imap(_render, jobs, chunksize=4)
-            paths = records.write_shards(rendered, out_dir, prefix, num_shards, overwrite=True)
-    else:
-        paths = records.write_shards(
-            map(_render, jobs), out_dir, prefix, num_shards, overwrite=True
-        )
-
-    info = {
-        "num_images": num_images,
-        "seed": seed,
-        "size": size,
-        "num_shards": num_shards,
-        "shards": [os.path.basename(p) for p in paths],
-    }
-    tmp = f"{marker}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, marker)
-    return paths
-
-
-def ensure_phantom_dataset(
-    data_dir: str,
-    *,
-    num_images: int,
-    seed: int,
-    size: int,
-    num_shards: int = 4,
-    num_procs: int | None = None,
-) -> list[str]:
-    """Renders the mammography phantom into shards once per data directory, in
-    `data_dir/phantom_{size}_{seed}_{num_images}/` (see ensure_rendered_dataset)."""
-    # Lazy: the phantom module is only needed when rendering.
-    from input_pipeline.phantom import render_phantom  # pylint: disable=g-import-not-at-top
-
-    return ensure_rendered_dataset(
-        phantom_shards_dir(data_dir, num_images=num_images, seed=seed, size=size),
-        render_phantom,
-        num_images=num_images,
-        seed=seed,
-        size=size,
-        prefix="phantom",
-        num_shards=num_shards,
-        num_procs=num_procs,
-    )
-
-
-def phantom_shards_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:
-    return os.path.join(os.fspath(data_dir), f"phantom_{size}_{seed}_{num_images}")
-
-
-# Two real computed-radiography images shipped by the pydicom-data package
-# (MIT licence), stored lossless JPEG 2000: the demo ingests them with the same
-# engine as users' DICOM folders, so the main job exercises the real-data path.
-PYDICOM_CR_FILES = ("RG1_J2KR.dcm", "RG3_J2KR.dcm")
-# The data are public, so a fixed salt is fine (and keeps the demo quiet).
-_PUBLIC_SALT = "pydicom-data-public-examples"
-
-
-def pydicom_data_dir() -> str:
-    import data_store  # pylint: disable=g-import-not-at-top  (the pydicom-data package)
-
-    return os.path.join(os.path.dirname(data_store.__file__), "data")
-
-
-def ensure_pydicom_cr_dataset(data_dir: str, *, size: int) -> list[str]:
-    """Ingests pydicom-data's two CR radiographs into `data_dir/pydicom_cr_{size}/`
-    once (resized with aspect kept and padded to `size`), returns their shards.
-
-    Rerunning is cheap: the engine finds its completed shards and skips them.
-    """
-    from input_pipeline.ingest import engine  # pylint: disable=g-import-not-at-top
-    from input_pipeline.ingest.manifest import ManifestRow  # pylint: disable=g-import-not-at-top
-
-    rows = [
-        ManifestRow(
-            path=os.path.join(pydicom_data_dir(), name),
-            patient_id=f"pydicom-data/{name}",
-            split="train",
-            source=f"pydicom-data:{name}",
-        )
-        for name in PYDICOM_CR_FILES
-    ]
-    out_dir = os.path.join(os.fspath(data_dir), f"pydicom_cr_{size}")
-    summary = engine.ingest(
-        rows, out_dir, size=size, workers=1, salt=_PUBLIC_SALT, progress=False, log=lambda _: None
-    )
-    paths = records.list_shards(os.path.join(out_dir, "train"))
-    if summary.to_json().get("rejected"):
-        raise RuntimeError(
-            f"pydicom-data CR images were rejected on ingestion (see {out_dir}/rejected.jsonl): "
-            "reinstall pydicom-data and the pylibjpeg plugins (pip install -e .)"
-        )
-    return paths
+        return f"ArrayRecordImageSource({len(self.paths)} shards, {len(self)} records)"

@@ -56,7 +56,7 @@ def tree(tmp_path_factory):
 @pytest.fixture
 def tree_cfg(tree):
     c = finetune.default_finetune_data_config()
-    c.update(source="arrayrecord", dir=tree, num_workers=0, num_threads=1)
+    c.update(source="prepared", dir=tree, num_workers=0, num_threads=1)
     return c
 
 
@@ -115,7 +115,7 @@ def test_phantom_splits_are_disjoint_exact_and_deterministic(cfg):
         finetune.split_source(cfg, "validation")
 
 
-def test_arrayrecord_split_folders(tree_cfg, tree, tmp_path):
+def test_prepared_split_folders(tree_cfg, tree, tmp_path):
     train, val = (finetune.split_source(tree_cfg, s) for s in ("train", "val"))
     assert (len(train), len(val)) == (sum(CLASS_COUNTS), 5)
     assert Counter(train[i]["meta"]["grade"] for i in range(len(train))) == {

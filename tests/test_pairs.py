@@ -233,10 +233,10 @@ def _mimic_like_tree(root):
     records.write_shards(val, str(root / "val"), "data", 1)
 
 
-def test_arrayrecord_pairs_filter_views_and_missing_reports(tmp_path):
+def test_prepared_pairs_filter_views_and_missing_reports(tmp_path):
     _mimic_like_tree(tmp_path)
     c = pairs.default_pairs_data_config()
-    c.update(source="arrayrecord", dir=str(tmp_path), vocab_size=200, max_text_length=16)
+    c.update(source="prepared", dir=str(tmp_path), vocab_size=200, max_text_length=16)
     c.update(num_workers=0, num_threads=1)
     train = pairs.pair_split(c, "train")
     assert len(train) == 12

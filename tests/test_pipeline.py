@@ -501,12 +501,12 @@ def test_fixed_batch(cfg):
         pipeline.make_fixed_batch(cfg, scales=SCALES, num_images=17, seed=0)
 
 
-def test_arrayrecord_source(tmp_path):
+def test_shards_source(tmp_path):
     recs = [(np.full((24, 24), i, np.uint8), {"label": i}) for i in range(8)]
     records.write_shards(recs, str(tmp_path / "shards"), "mine", 2)
     c = pipeline.default_data_config()
     c.update(
-        source="arrayrecord",
+        source="shards",
         dir=str(tmp_path / "shards" / "mine-*"),
         num_workers=0,
         label_keys=("label",),
@@ -531,8 +531,11 @@ def test_pipeline_validation(cfg):
     with pytest.raises(ValueError, match="cannot fill"):
         _dataset(cfg, global_batch_size=32)
     bad = cfg.copy_and_resolve_references()
-    bad.source = "tfds"
-    with pytest.raises(ValueError, match="'phantom' or 'arrayrecord'"):
+    bad.source = "nonsense"
+    with pytest.raises(ValueError, match="unknown data.source 'nonsense'"):
+        _dataset(bad)
+    bad.source = "arrayrecord"  # the retired name says what to use instead
+    with pytest.raises(ValueError, match="'prepared'.*'shards'"):
         _dataset(bad)
 
 
@@ -543,7 +546,7 @@ def test_roi_context_pretrains_on_lesion_crops(tmp_path):
     meta = {"lesion_center": [28, 38], "lesion_radius_px": 16 / 6, "bits_stored": 12}
     records.write_shards([(image, meta)] * 8, str(tmp_path), "data", 1)
     c = pipeline.default_data_config()
-    c.update(source="arrayrecord", dir=str(tmp_path), num_workers=0, num_threads=1)
+    c.update(source="shards", dir=str(tmp_path), num_workers=0, num_threads=1)
     c.update(roi_context=3.0, roi_min_px=16, crop_scale=(0.3, 1.0))
     batch = _take(iter(pipeline.make_pretrain_dataset(c, scales=SCALES, global_batch_size=4,
                                                       seed=0)), 1)[0]

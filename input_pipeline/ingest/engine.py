@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-
 from input_pipeline import records
 from input_pipeline.ingest import manifest
 from input_pipeline.ingest.convert import RowTask, convert_row
