@@ -1,5 +1,7 @@
 """tools/benchmark.py: the pretrain benchmark on a tiny model (alone and against HF, which
-runs in its own process), and the loader benchmark on tiny records."""
+runs in its own process), the loader benchmark on tiny records, the mcr benchmark, and
+the command line every tool shares (tools/cli.py: config overrides, a user's mistake as
+one line and exit status 2)."""
 
 import json
 import os
@@ -9,7 +11,10 @@ import textwrap
 
 import pytest
 
-from tools import benchmark
+from mimjax.run_config import ConfigError
+from tools import benchmark, cli
+from tools.bench import loader, pretrain, train_step
+from tools.bench import mcr as mcr_benchmark  # the tests name their MCR row `mcr`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,8 +88,8 @@ def test_pretrain_cli_multiscale(tiny_config, tmp_path):
 def test_pretrain_compare_hf(tiny_config, capsys):
     """In process, against HF ViTMAEForPreTraining built to the same sizes."""
     pytest.importorskip("transformers")
-    r = benchmark.main(["pretrain", "--config", tiny_config, "--image-size", "32",
-                        "--compare", "hf", *FAST])
+    r = benchmark.run(["pretrain", "--config", tiny_config, "--image-size", "32",
+                       "--compare", "hf", *FAST])
     _check_common(r, batch=8, scales=[32])
     hf = r["hf"]
     assert hf["img_per_s"] > 0 and len(hf["step_times_s"]) == 2
@@ -104,7 +109,7 @@ def test_model_flops_count():
     cfg = ml_collections.ConfigDict(dict(
         variant="B/16", image_size=224, scales=[224], channels=3, dtype="float32",
         decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=None)))
-    counts = benchmark.model_flops_per_image(cfg, mask_ratio=0.75)
+    counts = pretrain.model_flops_per_image(cfg, mask_ratio=0.75)
     enc = 2 * 49 * 768 * 768 + 12 * (2 * 50 * (4 * 768**2 + 2 * 768 * 3072) + 4 * 50**2 * 768)
     assert counts["encoder"] == enc
     dec = (2 * 50 * 768 * 512 + 8 * (2 * 197 * (4 * 512**2 + 2 * 512 * 2048) + 4 * 197**2 * 512)
@@ -113,24 +118,88 @@ def test_model_flops_count():
     assert counts["forward"] == enc + dec
 
 
-def test_config_overrides_and_errors(tiny_config):
-    config = benchmark.load_config(tiny_config, [
+def test_config_overrides_and_errors(tiny_config, capsys):
+    config = cli.load_config(tiny_config, [
         ("model.depth", "3"), ("model.scan", "true"), ("optimizer.base_lr", "1"),
         ("model.scales", "[32, 64]"), ("model.attention", "fused")])
     assert config.model.image_size == 32
     assert config.model.depth == 3 and config.model.scan is True
     assert config.optimizer.base_lr == 1.0 and isinstance(config.optimizer.base_lr, float)
     assert list(config.model.scales) == [32, 64] and config.model.attention == "fused"
-    benchmark.set_image_size(config, 48)
+    pretrain.set_image_size(config, 48)
     assert config.model.image_size == 48 and list(config.model.scales) == [48, 96]
-    with pytest.raises(SystemExit, match="no field"):
-        benchmark.load_config(tiny_config, [("model.nope", "1")])
-    with pytest.raises(SystemExit, match="Unrecognised argument"):
-        benchmark.split_config_overrides(["--steps2"])
-    assert benchmark.split_config_overrides(["--config.a.b", "2", "--config.c=x"]) == [
-        ("a.b", "2"), ("c", "x")]
-    assert benchmark.parse_xla_options(["a=true", "b=3", "c=dot,eltwise"]) == {
+    with pytest.raises(ConfigError, match="no field"):
+        cli.load_config(tiny_config, [("model.nope", "1")])
+    parser = benchmark.build_parser()
+    with pytest.raises(SystemExit) as stop:  # argparse: usage and "unrecognized arguments"
+        cli.parse_args(parser, ["loader", "--steps2"])
+    assert stop.value.code == 2 and "unrecognized arguments: --steps2" in capsys.readouterr().err
+    args, overrides = cli.parse_args(parser, ["loader", "--config.a.b", "2", "--config.c=x"])
+    assert args.command == "loader" and overrides == [("a.b", "2"), ("c", "x")]
+    assert train_step.parse_xla_options(["a=true", "b=3", "c=dot,eltwise"]) == {
         "a": True, "b": 3, "c": "dot,eltwise"}
+
+
+def test_config_overrides_reach_the_benchmark(tiny_config, capsys):
+    """`--config.KEY=VALUE` on the command line sets the benchmarked config (after the
+    file, before --image-size and --batch); an unknown field stops the tool with one
+    line naming the closest fields, exit status 2, before anything is built."""
+    args, overrides = cli.parse_args(benchmark.build_parser(), [
+        "pretrain", "--config", tiny_config, "--config.model.depth=2", "--batch", "16",
+        "--config.model.scales", "[32, 64]", "--image-size", "16"])
+    config = pretrain.build_config(args.config, overrides, args.image_size, args.batch)
+    assert config.model.depth == 2 and config.global_batch_size == 16
+    assert config.model.image_size == 16 and list(config.model.scales) == [16, 32]
+
+    code = benchmark.main(["pretrain", "--config", tiny_config, "--config.model.dept=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: config.model has no field 'dept'; did you mean ")
+    assert "config.model.depth" in err
+
+
+def test_cli_maps_a_users_mistake_to_one_line(capsys):
+    """cli.run: UsageError, ConfigError and the tool's own user errors print `error: ...`
+    (one line, no traceback) and give exit status 2; anything else is a bug and raises."""
+    def fails(error):
+        def body():
+            raise error
+        return body
+
+    for error in (cli.UsageError("--size 0: must be >= 1"),
+                  ConfigError("config.model has no field 'x'"),
+                  FileNotFoundError("no checkpoint in /tmp/w")):
+        assert cli.run(fails(error), user_errors=(FileNotFoundError,)) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {error}\n" and "Traceback" not in err
+    assert cli.run(fails(cli.UsageError("two\nlines"))) == 2
+    assert capsys.readouterr().err == "error: two lines\n"
+    with pytest.raises(FileNotFoundError):  # not declared by this tool: a bug, with traceback
+        cli.run(fails(FileNotFoundError("x")))
+    assert cli.run(lambda: None) == 0 and cli.run(lambda: 1) == 1
+
+
+def test_cli_overrides_apply_to_a_workdirs_config(tmp_path):
+    """Tools whose --config is optional (export, retrieval eval): without --config the
+    overrides apply to the run's WORKDIR/config.json; with neither, None."""
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"depth": 2, "name": "mae"}}))
+    assert cli.load_config(None, [], workdir=str(tmp_path)) is None
+    config = cli.load_config(None, [("model.depth", "4")], workdir=str(tmp_path))
+    assert config.model.depth == 4 and config.model.name == "mae"
+    with pytest.raises(ConfigError, match="did you mean config.model.depth"):
+        cli.load_config(None, [("model.deph", "4")], workdir=str(tmp_path))
+    with pytest.raises(cli.UsageError, match="need --config"):
+        cli.load_config(None, [("model.depth", "4")])
+
+
+def test_user_error_as_a_program():
+    """The __main__ path: exit status 2 and one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
+                           "loader", "--data", os.path.join(ROOT, "no_such_shards")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: --data ") and proc.stderr.count("\n") == 1
+    assert proc.stdout == ""
 
 
 def test_help():
@@ -140,6 +209,23 @@ def test_help():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
                            "mcr", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "two-stream" in proc.stdout and "--batch" in proc.stdout
+
+
+@pytest.mark.parametrize("tool", ["benchmark", "export_pytorch", "import_pytorch",
+                                  "evaluate_retrieval", "prepare_data"])
+def test_every_tool_helps_without_importing_jax(tool):
+    """`python tools/NAME.py --help` documents the tool and stays fast: JAX (seconds to
+    import) is only imported after the arguments are parsed."""
+    script = os.path.join(ROOT, "tools", f"{tool}.py")
+    code = ("import contextlib, io, runpy, sys\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            "with contextlib.suppress(SystemExit), "
+            "contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            f"    runpy.run_path({script!r}, run_name='__main__')\n"
+            "print('usage:' in out.getvalue(), 'jax' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.stdout.split() == ["True", "False"], proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- loader
@@ -179,7 +265,7 @@ def test_loader_cli_sweep(tiny_shards, tmp_path):
     assert [run["workers"] for run in r["runs"]] == [1, 2] and r["workers"] == 2
     for run in r["runs"]:
         n = run["workers"]
-        for name in benchmark.LOADER_STAGES:
+        for name in loader.STAGES:
             m = run["stages"][name]
             assert len(m["per_process"]) == n and min(m["per_process"]) > 0
             assert m["total"] == pytest.approx(sum(m["per_process"]))
@@ -199,14 +285,14 @@ def test_loader_cli_sweep(tiny_shards, tmp_path):
 
 
 def test_loader_errors(tiny_shards, tmp_path):
-    with pytest.raises(SystemExit, match="--data"):
-        benchmark.main(["loader", "--data", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="exceeds"):
-        benchmark.main(["loader", "--data", tiny_shards, "--size", "128"])
-    with pytest.raises(SystemExit, match="cannot fill --batch"):
-        benchmark.main(["loader", "--data", tiny_shards, "--size", "32", "--batch", "64"])
-    with pytest.raises(SystemExit, match="--workers must be >= 1"):
-        benchmark.main(["loader", "--data", tiny_shards, "--workers", "0"])
+    with pytest.raises(cli.UsageError, match="--data"):
+        benchmark.run(["loader", "--data", str(tmp_path / "missing")])
+    with pytest.raises(cli.UsageError, match="exceeds"):
+        benchmark.run(["loader", "--data", tiny_shards, "--size", "128"])
+    with pytest.raises(cli.UsageError, match="cannot fill --batch"):
+        benchmark.run(["loader", "--data", tiny_shards, "--size", "32", "--batch", "64"])
+    with pytest.raises(cli.UsageError, match="--workers must be >= 1"):
+        benchmark.run(["loader", "--data", tiny_shards, "--workers", "0"])
 
 
 def test_loader_record_stage_is_what_the_pipeline_batches(tiny_shards):
@@ -216,7 +302,7 @@ def test_loader_record_stage_is_what_the_pipeline_batches(tiny_shards):
 
     from input_pipeline import pipeline
 
-    cfg = benchmark.loader_data_config(tiny_shards)
+    cfg = loader.data_config(tiny_shards)
     stream = pipeline.make_record_dataset(cfg, scales=(32,), seed=5)
     it = iter(pipeline.make_pretrain_dataset(cfg, scales=(32,), global_batch_size=8, seed=5))
     for b in range(4):  # 32 records: one epoch and a third
@@ -244,8 +330,8 @@ def test_mcr_three_rows_and_json(tmp_path, capsys):
     show (the unmasked contrastive pass costs FLOPs and memory; CLIP has no decoder and
     no MLM head)."""
     out = tmp_path / "mcr.json"
-    r = benchmark.main(["mcr", "--config", *MCR_TINY, "--batch", "16", "--steps", "2",
-                        "--windows", "1", "--warmup", "1", "--json", str(out), *FAST_COMPILE])
+    r = benchmark.run(["mcr", "--config", *MCR_TINY, "--batch", "16", "--steps", "2",
+                       "--windows", "1", "--warmup", "1", "--json", str(out), *FAST_COMPILE])
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-1]) == r == json.loads(out.read_text())
     header = next(line for line in printed if "MCR/CLIP" in line).split()
@@ -279,8 +365,9 @@ def test_mcr_three_rows_and_json(tmp_path, capsys):
     assert two["memory"]["compiled_temp_bytes"] > mcr["memory"]["compiled_temp_bytes"]
     for other in ("clip", "two_stream"):
         ratios = r["ratios"][f"mcr_over_{other}"]
-        assert set(ratios) == set(benchmark._MCR_RATIO_KEYS)
-        assert ratios["pairs_per_s"] == pytest.approx(mcr["pairs_per_s"] / rows[other]["pairs_per_s"])
+        assert set(ratios) == set(mcr_benchmark.RATIO_KEYS)
+        assert ratios["pairs_per_s"] == pytest.approx(
+            mcr["pairs_per_s"] / rows[other]["pairs_per_s"])
         assert ratios["compiled_peak_bytes"] == pytest.approx(
             mcr["memory"]["compiled_peak_bytes"] / rows[other]["memory"]["compiled_peak_bytes"])
         assert ratios["device_peak_bytes"] is None
@@ -289,9 +376,9 @@ def test_mcr_three_rows_and_json(tmp_path, capsys):
 def test_mcr_synthetic_batch_contract_and_errors():
     import numpy as np
 
-    config = benchmark.load_config(MCR_TINY[0], [("model.text.max_length", "24"),
-                                                 ("data.max_text_length", "24")])
-    b = benchmark.synthetic_pairs_batch(config, 32, np.random.default_rng(0), first_index=5)
+    config = cli.load_config(MCR_TINY[0], [("model.text.max_length", "24"),
+                                           ("data.max_text_length", "24")])
+    b = mcr_benchmark.synthetic_pairs_batch(config, 32, np.random.default_rng(0), first_index=5)
     assert b["image"].shape == (32, 32, 32, 1) and b["image"].dtype == np.float32
     ids, mask = b["text_ids"], b["text_mask"]
     assert ids.shape == mask.shape == (32, 24) and ids.dtype == mask.dtype == np.int32
@@ -302,7 +389,7 @@ def test_mcr_synthetic_batch_contract_and_errors():
         assert row[n - 1] == 3 and (row[n:] == 0).all() and (row[1:n - 1] >= 5).all()
     np.testing.assert_array_equal(mask, (ids != 0).astype(np.int32))
     np.testing.assert_array_equal(b["pair_index"], np.arange(5, 37))
-    with pytest.raises(SystemExit, match="not an MCR setting"):
-        benchmark.main(["mcr", "--config", MCR_TINY[0].replace(":tiny", ":tiny_clip")])
-    with pytest.raises(SystemExit, match="image-text config"):
-        benchmark.main(["mcr", "--config", os.path.join(ROOT, "configs", "demo.py")])
+    with pytest.raises(cli.UsageError, match="not an MCR setting"):
+        benchmark.run(["mcr", "--config", MCR_TINY[0].replace(":tiny", ":tiny_clip")])
+    with pytest.raises(cli.UsageError, match="image-text config"):
+        benchmark.run(["mcr", "--config", os.path.join(ROOT, "configs", "demo.py")])

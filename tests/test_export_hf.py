@@ -12,13 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from export_fixtures import bind, images, tiny_config, write_workdir
 from flax import nnx
 
 from mimjax import inference
 from mimjax.export import convert
 from mimjax.models import mae, vit
 from mimjax.objectives import masked_reconstruction
+
+from export_fixtures import bind, images, tiny_config, write_workdir
 
 TOL = 1e-4
 MEASURED = {}  # case -> max abs difference, printed at the end of the module
@@ -219,6 +220,22 @@ def test_cli_exports_a_step(miram, tmp_path, capsys):
         == 2
     )
     assert "available: [5]" in capsys.readouterr().err
+
+
+def test_cli_config_overrides(miram, tmp_path, capsys):
+    """--config.KEY=VALUE overrides the workdir's config.json (here the LayerNorm eps the
+    export records); an unknown field is one line naming the closest ones, exit status 2."""
+    from tools import export_pytorch
+
+    _, _, root, _ = miram
+    argv = ["--workdir", str(root / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]
+    assert export_pytorch.main([*argv, "--config.model.layer_norm_eps=1e-5"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["layer_norm_eps"] == 1e-5
+    capsys.readouterr()
+    assert export_pytorch.main([*argv, "--config.model.layer_norm_epsilon=1e-5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config.model has no field 'layer_norm_epsilon'; did you mean")
+    assert "config.model.layer_norm_eps" in err and err.count("\n") == 1
 
 
 def test_mask_convention_matches_hf_random_masking():

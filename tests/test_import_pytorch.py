@@ -13,10 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from export_fixtures import images, random_params, tiny_config, write_workdir
+from mimjax import inference, pretrained, run_config
+from mimjax.export import convert
+from mimjax.models import param_tree as tree
 
-from mimjax import inference, pretrained
-from mimjax.export import convert, tree
+from export_fixtures import images, random_params, tiny_config, write_workdir
 
 
 def _flat(params):
@@ -37,7 +38,7 @@ def _round_trip(tmp_path, config, fmt, scan=False, **export_kwargs):
     convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), fmt, **export_kwargs)
     convert.import_checkpoint(fmt, str(tmp_path / "out"), str(tmp_path / "back"), scan=scan)
     params, _info = pretrained.load_pretrained_params(str(tmp_path / "back"))
-    return saved, params, inference.load_run_config(str(tmp_path / "back"))
+    return saved, params, run_config.load_run_config(str(tmp_path / "back"))
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_foreign_hf_vit_imports_with_its_numerics(tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(tmp_path / "hf"))
     convert.import_checkpoint("hf", str(tmp_path / "hf"), str(tmp_path / "back"))
-    back = inference.load_run_config(str(tmp_path / "back"))
+    back = run_config.load_run_config(str(tmp_path / "back"))
     assert back.model.posemb == "learn" and back.model.gelu_approximate is False
     assert back.model.layer_norm_eps == 1e-12 and back.model.head == "cls"
     x = images(3, 3, seed=6)
@@ -170,7 +171,7 @@ def test_timm_state_dict_and_stacked_npz_import(tmp_path):
     np.savez(tmp_path / "bv" / "stacked.npz", **stacked)
     convert.import_checkpoint("timm", str(tmp_path / "bv" / "stacked.npz"), str(tmp_path / "st"))
     _assert_identical(pretrained.load_pretrained_params(str(tmp_path / "st"))[0], saved)
-    back = inference.load_run_config(str(tmp_path / "st"))
+    back = run_config.load_run_config(str(tmp_path / "st"))
     assert back.model.num_heads == 4 and back.model.gelu_approximate is True  # npz default
 
 

@@ -16,7 +16,6 @@ import time
 
 import cv2
 import data_store
-import dicom_fixtures
 import numpy as np
 import pydicom
 import pytest
@@ -24,6 +23,8 @@ import pytest
 from input_pipeline import pipeline, records, sources
 from input_pipeline.ingest import convert, deid, engine, manifest
 from input_pipeline.ingest.manifest import ManifestRow
+
+import dicom_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "prepare_data.py")
@@ -183,7 +184,7 @@ def test_pretraining_pipeline_reads_the_output(dicom_run):
     out, result = dicom_run
     assert result.returncode == 0, result.stderr
     cfg = pipeline.default_data_config()
-    cfg.update(source="arrayrecord", dir=str(out / "train"), num_workers=0, num_threads=1)
+    cfg.update(source="shards", dir=str(out / "train"), num_workers=0, num_threads=1)
     ds = pipeline.make_pretrain_dataset(cfg, scales=(16, 32), global_batch_size=4, seed=0)
     it = iter(ds)
     batch = next(it)

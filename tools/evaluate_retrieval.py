@@ -11,13 +11,12 @@ OUT/retrieval_{split}_step{N}.json and OUT/figures/retrieval_{split}_step{N}.png
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # `mimjax`, `configs`, `input_pipeline` from a checkout
+if __package__ in (None, ""):  # `python tools/evaluate_retrieval.py`: put the repo root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import cli  # noqa: E402
 
 EPILOG = """\
 examples:
@@ -28,7 +27,8 @@ examples:
   python tools/evaluate_retrieval.py --workdir RUN --data-dir /data/mimic_cxr_prepared
 
 The architecture and data settings come from WORKDIR/config.json, the tokenizer from
-WORKDIR/tokenizer.json (both written by the trainer).
+WORKDIR/tokenizer.json (both written by the trainer). --config.KEY=VALUE (any number)
+overrides a field of that config, or of --config FILE[:ARG].
 """
 
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="eval batch size (default: the run's eval_batch_size).")
     parser.add_argument("--use-ema", action="store_true", help="score the EMA parameters.")
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", default=None, metavar="FILE[:ARG]",
                         help="the run's config when WORKDIR has no config.json.")
     parser.add_argument("--finding-probe", action="store_true",
                         help="also fit linear probes on the train pairs' embeddings and report "
@@ -57,28 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return cli.run(lambda: evaluate(argv), user_errors=(ValueError, FileNotFoundError))
+
+
+def evaluate(argv) -> None:
+    args, overrides = cli.parse_args(build_parser(), argv)
+    cli.setup_logging()
     from mimjax.evaluators import retrieval_checkpoint
 
-    try:
-        metrics = retrieval_checkpoint.evaluate_checkpoint(
-            args.workdir,
-            step=args.step,
-            split=args.split,
-            data_dir=args.data_dir,
-            tokenizer_path=args.tokenizer,
-            out_dir=args.out,
-            use_ema=args.use_ema,
-            batch_size=args.batch_size,
-            config=args.config,
-            finding_probe=args.finding_probe,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    metrics = retrieval_checkpoint.evaluate_checkpoint(
+        args.workdir,
+        step=args.step,
+        split=args.split,
+        data_dir=args.data_dir,
+        tokenizer_path=args.tokenizer,
+        out_dir=args.out,
+        use_ema=args.use_ema,
+        batch_size=args.batch_size,
+        config=cli.load_config(args.config, overrides, workdir=args.workdir),
+        finding_probe=args.finding_probe,
+    )
     print(f"step {metrics['step']}, {args.split} split, {int(metrics['num_pairs'])} pairs")
     for direction in ("i2t", "t2i"):
         print(f"  {direction}: " + "  ".join(
@@ -92,7 +90,6 @@ def main(argv=None) -> int:
         for name in probed:
             print(f"  {name:<{width}}  {metrics[f'image_auc/{name}']:.3f} / "
                   f"{metrics[f'text_auc/{name}']:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

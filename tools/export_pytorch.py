@@ -17,13 +17,12 @@ architecture and input normalisation, no data, paths or patient identifiers.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # `mimjax`, `configs` when run from a checkout
+if __package__ in (None, ""):  # `python tools/export_pytorch.py`: put the repo root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import cli  # noqa: E402
 
 EPILOG = """\
 examples:
@@ -37,6 +36,7 @@ examples:
 
 The architecture comes from WORKDIR/config.json; for a workdir without one pass the
 config the run used: --config configs/demo.py or --config configs/demo.py:tiny.
+--config.KEY=VALUE (any number) overrides a field of that config, or of config.json.
 Settings PyTorch cannot express (e.g. no class token for HF, a "gap" / "map" head
 for ViTForImageClassification) stop the export with a message naming the fix.
 """
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=("hf", "timm"), help="target library.")
     parser.add_argument("--out", required=True, help="output directory.")
     parser.add_argument(
-        "--config", default=None, help="the run's config when WORKDIR has no config.json."
+        "--config",
+        default=None,
+        metavar="FILE[:ARG]",
+        help="the run's config when WORKDIR has no config.json.",
     )
     parser.add_argument("--use-ema", action="store_true", help="export the EMA parameters.")
     parser.add_argument(
@@ -65,28 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return cli.run(lambda: export(argv), user_errors=(ValueError, FileNotFoundError))
+
+
+def export(argv) -> None:
+    args, overrides = cli.parse_args(build_parser(), argv)
+    cli.setup_logging()
     from mimjax.export import convert
 
-    try:
-        record = convert.export_checkpoint(
-            args.workdir,
-            args.out,
-            args.format,
-            step=args.step,
-            config=args.config,
-            use_ema=args.use_ema,
-            encoder_only=args.encoder_only,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    record = convert.export_checkpoint(
+        args.workdir,
+        args.out,
+        args.format,
+        step=args.step,
+        config=cli.load_config(args.config, overrides, workdir=args.workdir),
+        use_ema=args.use_ema,
+        encoder_only=args.encoder_only,
+    )
     target = record.get("hf_class") or "timm VisionTransformer"
     print(f"Exported step {record['step']} ({record['kind']}) as {target} to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

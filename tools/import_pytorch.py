@@ -14,13 +14,12 @@ state dict (.safetensors, .pth, .bin). DIR receives a mimjax checkpoint
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # `mimjax` when run from a checkout
+if __package__ in (None, ""):  # `python tools/import_pytorch.py`: put the repo root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import cli  # noqa: E402
 
 EPILOG = """\
 examples:
@@ -69,30 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    user_errors = (ValueError, FileNotFoundError, FileExistsError)
+    return cli.run(lambda: import_weights(argv), user_errors=user_errors)
+
+
+def import_weights(argv) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli.setup_logging()
     from mimjax.export import convert
 
-    try:
-        directory = convert.import_checkpoint(
-            args.source_format,
-            args.path,
-            args.out,
-            step=args.step,
-            scan=args.scan,
-            num_heads=args.num_heads,
-            layer_norm_eps=args.layer_norm_eps,
-            gelu=args.gelu,
-            norm_mean=args.norm_mean,
-            norm_std=args.norm_std,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    directory = convert.import_checkpoint(
+        args.source_format,
+        args.path,
+        args.out,
+        step=args.step,
+        scan=args.scan,
+        num_heads=args.num_heads,
+        layer_norm_eps=args.layer_norm_eps,
+        gelu=args.gelu,
+        norm_mean=args.norm_mean,
+        norm_std=args.norm_std,
+    )
     print(f"Wrote {directory}; use --config.init={os.path.abspath(args.out)}")
-    return 0
 
 
 if __name__ == "__main__":

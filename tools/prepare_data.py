@@ -21,9 +21,9 @@ import argparse
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # `input_pipeline` when run from a checkout
+if __package__ in (None, ""):  # `python tools/prepare_data.py`: put the repo root on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import cli  # noqa: E402
 
 EPILOG = """\
 examples:
@@ -74,13 +74,7 @@ def parse_window(text: str):
 def parse_size(text: str) -> int | None:
     if text.lower() in ("0", "none", "native"):
         return None
-    try:
-        size = int(text)
-    except ValueError:
-        size = 0
-    if size < 8:
-        raise argparse.ArgumentTypeError(f"--size {text!r}: an integer >= 8, or 'native'")
-    return size
+    return _int_at_least(text, 8, f"--size {text!r}: an integer >= 8, or 'native'")
 
 
 def parse_split(text: str) -> dict[str, float]:
@@ -93,12 +87,17 @@ def parse_split(text: str) -> dict[str, float]:
 
 
 def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, f"{text!r} is not a positive integer")
+
+
+def _int_at_least(text: str, low: int, message: str) -> int:
+    """int(text) if it is >= low, else argparse's error `message`."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(message)
     return value
 
 
@@ -207,6 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from input_pipeline.ingest import engine, manifest  # pylint: disable=g-import-not-at-top
 
+    user_errors = (
+        engine.PlanMismatchError,
+        manifest.ManifestError,
+        FileNotFoundError,  # builders.LayoutError included
+        ValueError,
+    )
+    return cli.run(lambda: prepare(args), user_errors=user_errors)
+
+
+def prepare(args) -> int:
+    """Ingests --input into --output; 1 at the first rejection under --strict."""
+    from input_pipeline.ingest import engine, manifest  # pylint: disable=g-import-not-at-top
+
     try:
         rows, rejected_rows, base_dir, ignored = load_rows(args)
         if not rows and not rejected_rows:
@@ -232,14 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     except engine.StrictModeError as e:
         print(f"prepare_data: rejected (--strict): {e}", file=sys.stderr)
         return 1
-    except (
-        engine.PlanMismatchError,
-        manifest.ManifestError,
-        FileNotFoundError,  # builders.LayoutError included
-        ValueError,
-    ) as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
     print(summary.format())
     return 0
 
