@@ -1,40 +1,75 @@
-"""mimjax entry point: `python main.py --config configs/NAME.py[:ARG] --workdir DIR [--config.key=value]`.
+"""mimjax entry point.
+
+    python main.py --config configs/NAME.py[:ARG] --workdir DIR [--config.key=value ...]
 
 Re-running the same command on the same workdir resumes from its latest checkpoint.
+`--config.key=value` sets any field of the config (lists too: --config.model.scales=[64,128]);
+a field that does not exist, or a value out of its range, stops the run at once with
+one line naming the field and the fix.
 """
 
+import argparse
 import logging
+import os
+import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+EPILOG = """\
+examples:
+  python main.py --config configs/demo.py --workdir workdirs/demo
+  python main.py --config configs/finetune_cbis_pathology.py --workdir workdirs/ft \\
+      --config.init=workdirs/demo --config.total_steps=600
+  python main.py --config configs/experiments/miram_vs_mae.py --workdir workdirs/exp
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and figures.")
-flags.mark_flags_as_required(["config", "workdir"])
+Every field is documented in configs/pretrain_base.py (and the config file you run).
+MIMJAX_DEBUG=1 shows the traceback behind a one-line error.
+"""
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train (pretrain, fine-tune, ...) or run an experiment as a config says.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                        help="config file, e.g. configs/demo.py or configs/demo.py:tiny.")
+    parser.add_argument("--workdir", required=True,
+                        help="directory for checkpoints, metrics and figures (resumed if it "
+                             "holds a checkpoint).")
+    return parser
+
+
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         force=True)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from mimjax import train  # after flags: keeps `--help` fast
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from mimjax import run_config  # light: no JAX
+
+    parser = build_parser()
+    try:
+        overrides, rest = run_config.split_overrides(argv)
+    except run_config.ConfigError as error:
+        parser.error(str(error))
+    args = parser.parse_args(rest)
+    _setup_logging()
+    debug = bool(os.environ.get("MIMJAX_DEBUG"))
+    from mimjax import drivers, train  # after parsing: keeps `--help` fast
 
     try:
-        if FLAGS.config.get("task") == "experiment":  # several runs and a table
-            from mimjax import experiment
-
-            experiment.run_experiment(FLAGS.config, FLAGS.workdir)
-        else:
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        drivers.run(run_config.load(args.config, overrides), args.workdir)
+    except run_config.ConfigError as error:
+        if debug:
+            raise
+        logging.error("%s", error)
+        return 2
     except train.NonFiniteLossError as error:
         logging.error("%s", error)
-        raise SystemExit(1) from None
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # required: grain workers start with spawn
-    app.run(main)
+    sys.exit(main())

@@ -10,16 +10,18 @@ the engine of tools/prepare_data.py, then pretrains a small ViT (width 192, 4 bl
 patch 8) on 64-px crops whose masked patches are reconstructed by two decoders, at
 64 px and at 128 px (the 128-px targets are cropped from the real 448-px image).
 
-Expected on a 2-core CPU: about 2 minutes in all (phantom ~25 s, compile ~15 s,
-200 steps of batch 32 at ~75 img/s, two probes ~2 s each; measured 2 min 0 s from a
-fresh clone). The
-total loss (sum of the two scales' norm_pix MSE) falls from ~3.0 over the first 20
-steps to ~1.45 at step 200, the 64-px term (~0.71) below the 128-px term (~0.74).
 Writes WORKDIR/metrics.jsonl, TensorBoard events, checkpoints (steps 100 and 200)
 and figures/recon_100.png, recon_200.png. At steps 100 and 200 a linear probe of the
 encoder (ridge on GAP features of lesion-centred crops of the phantom, 4-class
-pathology, fit on its train split) is scored on the val split: "probe/pathology/..."
-in metrics.jsonl (macro AUC ~0.7 at step 200; see the README's experiment table for
+pathology, fit on its train split) is scored on the val split ("probe/pathology/..."
+in metrics.jsonl).
+
+Expected wall time on a 2-core CPU: about 2 minutes in all (phantom ~25 s, compile
+~15 s, 200 steps of batch 32 at ~75 img/s, two probes ~2 s each; measured 2 min 0 s
+from a fresh clone).
+Expected result: the total loss (sum of the two scales' norm_pix MSE) falls from ~3.0
+over the first 20 steps to ~1.45 at step 200, the 64-px term (~0.71) below the 128-px
+term (~0.74); probe macro AUC ~0.7 at step 200 (the README's experiment table shows
 what pretraining adds over a random encoder at this scale).
 
 `configs/demo.py:tiny` is a seconds-long variant used by the test suite.

@@ -99,7 +99,7 @@ def apply_size(c, arg) -> ml_collections.ConfigDict:
         c.peak_tflops_per_device = 0.1  # skip the start-up matmul measurement
     elif arg:
         # Paper scale: a tools/prepare_data.py output root with train/ val/ test/.
-        c.data.source = "arrayrecord"
+        c.data.source = "prepared"
         c.data.dir = arg
         c.data.roi_context = 0.0  # the cbis_ddsm builder's records already are lesion crops
         c.data.num_workers = 8

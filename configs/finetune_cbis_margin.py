@@ -10,8 +10,9 @@ Commands:
     python main.py --config configs/finetune_cbis_margin.py:/data/cbis_prepared \
         --workdir workdirs/cbis_margin --config.init=workdirs/miram_b16   # paper scale
 
-Expected on a 2-core CPU (demo scale): about 1.5 minutes, as the pathology config.
-Measured (1,024-image phantom, lesion crops, configs/experiments/miram_vs_mae.py):
+Expected wall time on a 2-core CPU (demo scale): about 1.5 minutes, as the pathology
+config.
+Expected result (1,024-image phantom, lesion crops, configs/experiments/miram_vs_mae.py):
 test macro AUC ~0.6 from scratch or a demo-scale pretraining: at 64 px the margin
 shapes are barely resolved and only masses carry margin labels.
 Metrics are multi-label (exact-match and hamming accuracy, per-label AP/AUC, macro

@@ -16,9 +16,10 @@ train/ val/ test/; init from a configs/miram_vit_b16.py pretraining):
     python main.py --config configs/finetune_cbis_pathology.py:/data/cbis_prepared \
         --workdir workdirs/cbis_pathology --config.init=workdirs/miram_b16
 
-Expected on a 2-core CPU (demo scale): about 1.5 minutes with the demo's phantom
-already in ./data, 2.5 minutes when it is generated first (compile ~10 s, 300 steps of
-batch 32 at ~100 img/s, an eval on the 51 val images at steps 100/200/300, ~1 s each).
+Expected wall time on a 2-core CPU (demo scale): about 1.5 minutes with the demo's
+phantom already in ./data, 2.5 minutes when it is generated first (compile ~10 s, 300
+steps of batch 32 at ~100 img/s, an eval on the 51 val images at steps 100/200/300,
+~1 s each).
 The phantom's whole mammograms are cut to lesion-centred crops first
 (`data.roi_context=3`, as CBIS-DDSM's cropped lesions): at 64 px a whole mammogram
 shows its lesion as a few pixels and nothing learns (loss stays at ln 4). Writes
@@ -26,7 +27,7 @@ WORKDIR/metrics.jsonl (loss, accuracy, and val/accuracy, val/auc_macro, ... at e
 eval), WORKDIR/best/ (the parameters with the best val macro ROC-AUC),
 WORKDIR/test_metrics.json (that checkpoint on the test split) and
 figures/confusion_val_STEP.png, confusion_test.png.
-Measured from scratch (512-image phantom): test macro AUC 0.81, accuracy 0.49 (val
+Expected result from scratch (512-image phantom): test macro AUC 0.81, accuracy 0.49 (val
 macro AUC 0.73 -> 0.84 over the three evals); with 1,024 images (the experiment in
 configs/experiments/miram_vs_mae.py) 0.84, and 0.85-0.86 from a MIRAM or MAE init.
 `:tiny` is a seconds-long variant used by the test suite.

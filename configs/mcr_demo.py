@@ -11,34 +11,18 @@ trains a BPE tokenizer on the train reports, then pretrains a small ViT (width
 contrastive reconstruction (Wei, Jin, Zhou, arXiv 2312.15840): the masked image
 (50% of patches) and the masked report (25% of tokens) are the only inputs to the
 global-batch InfoNCE loss, masked image modelling and masked language modelling at
-once; local tokens are projected before they are averaged. `:clip` is the CLIP-style
-baseline on the same data and budget: no masking, no reconstruction terms, class
-token embeddings.
-Every `eval_every` steps the val split (205 pairs) is embedded with unmasked inputs
-and image->text / text->image Recall@1/5/10 and the median rank go to metrics.jsonl
-("retrieval/..."), with figures/retrieval_STEP.png (query images, their top-3
-reports); WORKDIR/retrieval_metrics.json holds the final figures, and
-`python tools/evaluate_retrieval.py --workdir W [--step N] [--split test]` scores any
-saved step afterwards. Reports repeat on
-the phantom (the same findings can be worded identically), so a retrieved report
-whose text equals the query's own counts as correct; "i2t_findings_P@K" counts
-retrieved reports with the query's findings.
-Expected on a 2-core CPU: about 8 minutes (measured 8 min 0 s from a fresh clone,
-phantom and tokenizer included: 1,600 steps of 32 pairs at ~120 pairs/s, phantom and
-tokenizer ~20 s, compile ~30 s; `:clip` about 8.5 minutes). The tokenizer is
-deterministic, so a fresh data directory gives seed 0's figures again (measured:
-i2t R@1 0.068, R@10 0.517).
-Final val retrieval (205 pairs; chance R@1 0.005, R@10 0.049, median rank ~103),
-measured over seeds 0, 1, 2 (`--config.seed=N`): MCR i2t R@1 0.024-0.068, R@5
-0.12-0.27, R@10 0.27-0.52, median rank 10-22 (t2i R@10 0.31-0.52); the CLIP baseline
-(`:clip`) i2t R@1 0.005-0.029, R@10 0.08-0.22, median rank 26-51. Runs vary with the
-seed because the contrastive loss stays at ln 32 for the first 400-900 steps.
-What holds R@1 back: `python tools/evaluate_retrieval.py --workdir W --finding-probe`
-shows the image embeddings encode effusion, pneumothorax and cardiomegaly (AUC
-0.95-1.0) but not the nodules and masses (0.5-0.6; the report side: 0.84-0.98), and
-an image tower blind to the lesions is capped at strict R@1 0.117 on this split.
-Longer runs learn the lesions: `--config.total_steps=8000` (~40 min) reached val i2t
-R@1 0.146, R@10 0.922, median rank 4 (lesion probes 0.56-0.76).
+once. `:clip` is the CLIP-style baseline on the same data and budget: no masking, no
+reconstruction terms, class-token embeddings. Every `eval_every` steps the val split
+(205 pairs) is scored: image->text / text->image Recall@1/5/10 and median rank in
+metrics.jsonl ("retrieval/..."), figures/retrieval_STEP.png, and
+WORKDIR/retrieval_metrics.json at the end.
+
+Expected wall time on a 2-core CPU: about 8 minutes (measured 8 min 0 s from a fresh
+clone, phantom and tokenizer included; `:clip` about 8.5 minutes).
+Expected result (val, 205 pairs; chance R@1 0.005, R@10 0.049), over seeds 0-2: MCR
+i2t R@1 0.024-0.068, R@10 0.27-0.52, median rank 10-22; the CLIP baseline i2t R@1
+0.005-0.029, R@10 0.08-0.22. The README ("Image-report pretraining") has the full
+table, what holds R@1 back and the longer runs.
 `:tiny` is a seconds-long variant used by the test suite.
 """
 

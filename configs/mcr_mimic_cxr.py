@@ -102,7 +102,7 @@ def get_config(arg=None):
         "norm_pix_loss": True, "text_mask_mode": "mask", "itc_inputs": "masked"})
 
     c.data = default_pairs_data_config()
-    c.data.source = "arrayrecord"
+    c.data.source = "prepared"
     c.data.dir = data_dir or PLACEHOLDER_DIR  # tools/prepare_data.py's output: train/ val/ test/
     c.data.view_groups = ("frontal",)
     c.data.report_key = "report"

@@ -6,13 +6,16 @@ patches at 112 and 224 px (targets cropped from the real 224-px image); mask 0.7
 weight decay 0.05; batch 1024.
 
 Command (DATA_DIR holds ArrayRecord shards written by input_pipeline.records, e.g.
-CBIS-DDSM images):
+CBIS-DDSM images; data.source "shards"):
     python main.py --config configs/miram_vit_b16.py:DATA_DIR --workdir WORKDIR
+A tools/prepare_data.py output root pretrains on its train split with
+`--config.data.source=prepared`; other sources: docs/data_sources.md.
 Without an argument it runs on the embedded phantom (generated under ./data).
 
 Expected wall time: ViT-B/16 at 112 px is ~4.4 GFLOP forward per image for the
 encoder on 25% of the patches plus the decoders; at 45% MFU on 8 H100s a
-10,000-image dataset takes roughly 1-2 h for 500 epochs. Expected result: the
+10,000-image dataset takes roughly 1-2 h for 500 epochs.
+Expected result: the
 paper reports +3% AP / +1% AUC on CBIS-DDSM pathology and +4% AP / +2% AUC on
 mass margins over MAE after fine-tuning; pretraining loss itself is not comparable
 across datasets.
@@ -24,7 +27,7 @@ from configs.pretrain_base import pretrain_defaults
 def get_config(arg=None):
     c = pretrain_defaults()
     if arg:
-        c.data.source = "arrayrecord"
+        c.data.source = "shards"  # a folder (or glob) of shards, e.g. PREPARED_ROOT/train
         c.data.dir = arg
     c.model.variant = "B/16"
     c.model.image_size = 112

@@ -20,17 +20,14 @@ images run in chunks of at most `batch_size`, padded to a power of two so that o
 few shapes are ever compiled. Computation is float32 unless `dtype` says otherwise.
 
 The architecture comes from the run's config. The trainer records it as
-WORKDIR/config.json (`save_run_config`); for a workdir without one, pass the config
-(`config=` a ConfigDict, a dict, a config.json path or "configs/NAME.py[:ARG]").
+WORKDIR/config.json (`mimjax.run_config.save_run_config`); for a workdir without one,
+pass the config (`config=` a ConfigDict, a dict, a config.json path or "configs/NAME.py[:ARG]").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import math
-import os
 from typing import NamedTuple
 
 import jax
@@ -40,75 +37,10 @@ import numpy as np
 from flax import nnx
 
 from mimjax import pretrained
-from mimjax.export import tree
 from mimjax.models import build_model, classifier, vit
+from mimjax.models import param_tree as tree
+from mimjax.run_config import load_run_config, resolve_config
 from mimjax.sharding import path_to_str
-
-CONFIG_FILE = "config.json"
-
-
-# --------------------------------------------------------------------------- config
-def save_run_config(config, workdir: str) -> str:
-    """Writes `config` to WORKDIR/config.json (process 0 only, atomically); returns the path.
-
-    The file records the architecture (config.model), the objectives and the input
-    normalisation (config.data.norm_mean / norm_std) so that inference and export can
-    rebuild the model from the workdir alone.
-    """
-    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
-    if jax.process_index() != 0:
-        return path
-    if isinstance(config, ml_collections.ConfigDict):
-        text = config.to_json_best_effort(indent=2, sort_keys=True)
-    else:
-        text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
-    path, _, arg = spec.partition(":") if spec.endswith(".py") or ".py:" in spec else (spec, "", "")
-    if path.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location("_mimjax_run_config", path)
-        if module_spec is None or not os.path.isfile(path):
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module.get_config(arg or None)
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def resolve_config(config) -> ml_collections.ConfigDict:
-    """A ConfigDict from a ConfigDict, a dict, a config.json path or "configs/NAME.py[:ARG]"."""
-    if isinstance(config, ml_collections.ConfigDict):
-        return config
-    if isinstance(config, dict):
-        return ml_collections.ConfigDict(config)
-    if isinstance(config, (str, os.PathLike)):
-        return _load_config_file(os.fspath(config))
-    raise TypeError(f"config must be a ConfigDict, dict or path, got {type(config).__name__}.")
-
-
-def load_run_config(path: str) -> ml_collections.ConfigDict:
-    """The config a workdir's trainer recorded (WORKDIR/config.json); `path` may also be
-    the workdir's checkpoints/ directory."""
-    path = os.path.abspath(os.fspath(path))
-    candidates = [os.path.join(path, CONFIG_FILE)]
-    if os.path.basename(path.rstrip(os.sep)) == "checkpoints":
-        candidates.append(os.path.join(os.path.dirname(path), CONFIG_FILE))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return _load_config_file(candidate)
-    raise FileNotFoundError(
-        f"No {CONFIG_FILE} in {path}: the run's architecture is unknown. Pass the config "
-        "the run used (config='configs/NAME.py[:ARG]', or --config for the tools), or "
-        "record it with mimjax.inference.save_run_config(config, workdir)."
-    )
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -119,7 +51,7 @@ class Checkpoint:
     params: dict
     config: ml_collections.ConfigDict
     step: int
-    kind: str  # "mae" | "classifier" | "encoder" (see mimjax.export.tree.kind_of)
+    kind: str  # "mae" | "classifier" | "encoder" (see mimjax.models.param_tree.kind_of)
 
 
 def load_checkpoint(

@@ -37,13 +37,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mimjax.models import vit
+from mimjax.models import param_tree, vit
 from mimjax.sharding import path_to_str
 
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"  # mimjax.checkpoint.Checkpointer.STATE
-_BLOCKS = "transformer/blocks/"
 
 
 @dataclasses.dataclass
@@ -154,49 +153,12 @@ def load_encoder_params(
             f"The checkpoint in {info['checkpoint_dir']} has no 'encoder' "
             f"parameters (top level: {sorted(params)})."
         )
-    info["dropped"] = sorted(name for name in _flatten(params) if not name.startswith("encoder/"))
+    info["dropped"] = sorted(
+        name for name in param_tree.flatten_leaves(params) if not name.startswith("encoder/"))
     return params["encoder"], info
 
 
 # --------------------------------------------------------------------------- transfer
-def _flatten(tree) -> dict[str, Any]:
-    return {path_to_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _block_layout(flat: dict[str, Any]) -> str | None:
-    """'unrolled' (blocks/<i>/...), 'stacked' (blocks/<name>/..., leading layer axis)."""
-    for name in flat:
-        if name.startswith(_BLOCKS):
-            return "unrolled" if name[len(_BLOCKS) :].split("/")[0].isdigit() else "stacked"
-    return None
-
-
-def _depth(flat: dict[str, Any], layout: str | None) -> int:
-    if layout == "unrolled":
-        return 1 + max(int(n[len(_BLOCKS) :].split("/")[0]) for n in flat if n.startswith(_BLOCKS))
-    if layout == "stacked":
-        return next(np.shape(v)[0] for n, v in flat.items() if n.startswith(_BLOCKS))
-    return 0
-
-
-def _convert_blocks(flat: dict[str, Any], to_layout: str) -> dict[str, Any]:
-    """Rewrites encoder block entries between the unrolled and stacked layouts."""
-    out = {n: v for n, v in flat.items() if not n.startswith(_BLOCKS)}
-    blocks = {n[len(_BLOCKS) :]: v for n, v in flat.items() if n.startswith(_BLOCKS)}
-    if to_layout == "unrolled":  # stacked -> one entry per layer
-        for rest, value in blocks.items():
-            for i in range(np.shape(value)[0]):
-                out[f"{_BLOCKS}{i}/{rest}"] = np.asarray(value[i])
-    else:  # unrolled -> stacked along a new leading axis
-        grouped: dict[str, dict[int, Any]] = {}
-        for rest, value in blocks.items():
-            index, name = rest.split("/", 1)
-            grouped.setdefault(name, {})[int(index)] = value
-        for name, layers in grouped.items():
-            out[f"{_BLOCKS}{name}"] = np.stack([np.asarray(layers[i]) for i in sorted(layers)])
-    return out
-
-
 def resample_posemb(table: np.ndarray, num_tokens: int, method: str = "bicubic") -> np.ndarray:
     """(1, [P +] g*g, D) -> (1, [P +] G*G, D): the grid part is resized (half-pixel
     centres, as torch's align_corners=False); P leading non-grid entries (a class-token
@@ -258,8 +220,8 @@ def _why(src: dict[str, Any], tgt: dict[str, Any], name: str) -> str:
 def _adapt_encoder(src: dict[str, Any], tgt: dict[str, Any], report: TransferReport):
     """Returns {encoder path: new value}; records into `report` (paths prefixed)."""
     out: dict[str, Any] = {}
-    src_layout, tgt_layout = _block_layout(src), _block_layout(tgt)
-    src_depth, tgt_depth = _depth(src, src_layout), _depth(tgt, tgt_layout)
+    src_layout, tgt_layout = param_tree.block_layout(src), param_tree.block_layout(tgt)
+    src_depth, tgt_depth = param_tree.block_count(src), param_tree.block_count(tgt)
     if src_depth != tgt_depth:
         raise ValueError(
             f"Pretrained encoder has {src_depth} blocks, the model {tgt_depth} "
@@ -267,8 +229,9 @@ def _adapt_encoder(src: dict[str, Any], tgt: dict[str, Any], report: TransferRep
             "model.depth to the checkpoint's."
         )
     if src_layout and tgt_layout and src_layout != tgt_layout:
-        src = _convert_blocks(src, tgt_layout)
-        report.adapted.append(f"encoder/{_BLOCKS[:-1]}: {src_layout} -> {tgt_layout} layers")
+        src = param_tree.convert_blocks(src, tgt_layout)
+        report.adapted.append(
+            f"encoder/{param_tree.BLOCKS[:-1]}: {src_layout} -> {tgt_layout} layers")
 
     for name, target in tgt.items():
         full = f"encoder/{name}"
@@ -333,15 +296,16 @@ def apply_pretrained(target_params: dict, pretrained: dict) -> tuple[dict, Trans
         )
     report = TransferReport()
     encoder = _adapt_encoder(
-        _flatten(pretrained["encoder"]), _flatten(target_params["encoder"]), report
+        param_tree.flatten_leaves(pretrained["encoder"]),
+        param_tree.flatten_leaves(target_params["encoder"]), report
     )
     if not report.loaded:
         raise ValueError("No pretrained encoder parameter matched the model's by name.")
     report.unexpected.extend(
-        name for name in _flatten(pretrained) if not name.startswith("encoder/")
+        name for name in param_tree.flatten_leaves(pretrained) if not name.startswith("encoder/")
     )
     report.missing.extend(
-        name for name in _flatten(target_params) if not name.startswith("encoder/")
+        name for name in param_tree.flatten_leaves(target_params) if not name.startswith("encoder/")
     )
 
     def pick(path, leaf):

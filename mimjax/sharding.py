@@ -18,11 +18,15 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -132,6 +136,6 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def log_shardings(shardings, logger: logging.Logger = logging.getLogger(__name__)) -> None:
+def log_shardings(shardings, logger: logging.Logger = log) -> None:
     for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
         logger.debug("%s -> %s", path_to_str(path), s.spec)

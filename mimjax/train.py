@@ -1,47 +1,55 @@
-"""The one generic trainer: state, step, loop, evals, figures, checkpoints.
+"""The one generic trainer: state, step, and a run that can be entered more than once.
 
-Read top to bottom: the train state; the model bound from parameters; the state
-built abstractly and created already sharded, optionally with an encoder from a
-pretraining checkpoint; the jitted step (gradient accumulation, non-finite guard,
-EMA); the loop (data, logging, evals, figures, checkpoints, SIGTERM). Objectives are
-pure loss functions chosen by config.
+Read top to bottom: the train state; the state built abstractly and created
+already sharded, optionally with an encoder from a pretraining checkpoint; the
+jitted step (gradient accumulation, non-finite guard, EMA); the `Run`:
 
-`config.task` picks what differs between pretraining and fine-tuning, nothing else:
-- "pretrain" (default): the multi-scale pretraining pipeline, reconstruction figures;
-- "classification" (model "vit_classifier", objective "classification"): the
-  fine-tuning pipeline (input_pipeline.finetune), val evals with the best
-  parameters kept in WORKDIR/best/, and a test eval of those at the end
-  (mimjax.evaluators.classifier_eval);
-- "image_text" (model "mcr", objective "mcr"): image-report pairs
-  (input_pipeline.pairs), the tokenizer copied to WORKDIR/tokenizer.json, and
-  retrieval evals on the val split (mimjax.evaluators.retrieval).
-Pretraining can also run a linear probe (`config.evals.linear_probe`,
-mimjax.evaluators.probe_hooks) so its curves show probe quality over time.
+    run = Run(config, workdir)      # setup: task, mesh, data, state (resumed or fresh),
+                                    # step, checkpoints, hooks
+    run.fit(k)                      # k more steps; run.fit() trains to total_steps
+    run.fit(k, params=global_params)  # k steps from given parameters
+    run.finish()                    # end-of-run evals (test metrics, ...), then close
+
+What differs between pretraining, fine-tuning, image-report runs and later tasks
+(the data, the config checks, the eval hooks, workdir side effects) comes from the
+task plug-in `mimjax.tasks.for_config(config)`; this module names no task.
+Objectives are pure loss functions chosen by config (mimjax.objectives).
+
+Where the parameters come from, in order of precedence:
+1. `fit(params=...)`: given parameters always win for that call (a federated round
+   passes the global encoder; the rest of the state stays the site's own);
+2. the workdir's latest checkpoint: re-running a command resumes it (parameters,
+   optimizer, step, RNG and data position), and a `config.init` is then not used
+   (the run says so: init only starts a fresh run);
+3. `config.init`: the encoder of a pretraining workdir, for a fresh run;
+4. random initialisation from `config.seed`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from input_pipeline.dequantize import dequantize_images
-from mimjax import checkpoint, inference, metric_logging, optim, perf, pretrained, sharding
-from mimjax.evaluators import classifier_eval, probe_hooks, reconstruction, retrieval
-from mimjax.models import build_model
+from mimjax import checkpoint, metric_logging, optim, perf, pretrained, run_config, sharding, tasks
+from mimjax.evaluators.hooks import HookContext
+from mimjax.models import param_tree
+from mimjax.models.spec import ModelSpec
 from mimjax.objectives import build_loss_fn
+from mimjax.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +67,6 @@ class TrainState:
     ema_params: Any               # pure dict (EMA enabled) or {} (disabled)
     nonfinite_total: jax.Array    # int32: steps whose update was skipped
     nonfinite_streak: jax.Array   # int32: consecutive skipped steps up to now
-
-
-# --------------------------------------------------------------------------- model
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The model's structure (graphdef) and abstract parameters; binds params to a Module."""
-    graphdef: Any
-    abstract_params: Any  # nnx.State of ShapeDtypeStructs
-
-    @classmethod
-    def from_config(cls, model_cfg) -> "ModelSpec":
-        abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
-        graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise ValueError("mimjax models hold only nnx.Param state; found other "
-                             f"variables: {jax.tree.map(lambda x: x.shape, rest)}")
-        return cls(graphdef, abstract_params)
-
-    def init_params(self, model_cfg, rng) -> dict:
-        model = build_model(model_cfg, rngs=nnx.Rngs(params=rng))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    def bind(self, params: dict) -> nnx.Module:
-        state = jax.tree.map(lambda x: x, self.abstract_params)  # fresh State to fill
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
 
 
 # --------------------------------------------------------------------------- state
@@ -107,6 +89,11 @@ def create_train_state(config, mesh, spec: ModelSpec, tx: optax.GradientTransfor
     return state, abstract_state, shardings
 
 
+def _place(host: np.ndarray, target_sharding) -> jax.Array:
+    """A host array (the same on every process) as a global array with `target_sharding`."""
+    return jax.make_array_from_callback(host.shape, target_sharding, lambda i: host[i])
+
+
 def init_from_pretrained(config, state: TrainState, abstract_state, shardings) -> TrainState:
     """The fresh `state` with its encoder (and the EMA's, if kept) from `config.init`,
     a pretraining workdir; parameters the checkpoint lacks (e.g. the head) and the
@@ -118,8 +105,7 @@ def init_from_pretrained(config, state: TrainState, abstract_state, shardings) -
     def place(new, current, target_sharding):
         if isinstance(new, jax.ShapeDtypeStruct):  # not in the checkpoint
             return current
-        host = np.asarray(new)  # the same on every process
-        return jax.make_array_from_callback(host.shape, target_sharding, lambda i: host[i])
+        return _place(np.asarray(new), target_sharding)
 
     params = jax.tree.map(place, loaded, state.params, shardings.params)
     ema = state.ema_params
@@ -201,61 +187,18 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
     return train_step
 
 
-# --------------------------------------------------------------------------- loop
-TASKS = ("pretrain", "classification", "image_text")
-_TASK_MODEL = {"classification": "vit_classifier", "image_text": "mcr"}  # else: pretraining
+def jitted_train_step(config, spec: ModelSpec, tx, schedule, shardings, mesh):
+    """The config's train step (objectives, gradient accumulation, EMA, on-device
+    dequantisation), jitted with the state donated and sharded as `shardings`."""
+    train_step = make_train_step(
+        spec, tx, build_loss_fn(config.objectives), schedule,
+        grad_accum_steps=config.get("grad_accum_steps", 1), ema_decay=config.get("ema_decay", 0.0),
+        prepare_batch=lambda batch: dequantize_images(batch, config.data))
+    return jax.jit(train_step, donate_argnums=0,
+                   out_shardings=(shardings, sharding.replicated(mesh)))
 
 
-def task_of(config) -> str:
-    """`config.task`, checked against the model and objectives it needs."""
-    task = config.get("task", "pretrain")
-    if task not in TASKS:
-        raise ValueError(f"config.task must be one of {TASKS}, got {task!r}.")
-    model = config.model.name
-    needs = _TASK_MODEL.get(task)
-    if (needs is not None and model != needs) or (
-            needs is None and model in _TASK_MODEL.values()):
-        raise ValueError(
-            f"config.task {task!r} does not fit model.name {model!r}: task 'classification' "
-            "trains model 'vit_classifier', 'image_text' model 'mcr', 'pretrain' a pretraining "
-            "model (e.g. 'mae'); set both consistently.")
-    if task == "classification" and "classification" not in config.objectives:
-        raise ValueError("config.task 'classification' needs config.objectives.classification "
-                         "(label_key, multilabel, ...); see configs/finetune_base.py.")
-    if task == "image_text" and "mcr" not in config.objectives:
-        raise ValueError("config.task 'image_text' needs config.objectives.mcr; see "
-                         "configs/mcr_demo.py.")
-    return task
-
-
-def make_train_data(config, task: str):
-    """(training batches, records per epoch) of the task's input pipeline."""
-    if task == "classification":
-        from input_pipeline import finetune  # grain import kept off the model/test paths
-
-        label_key = config.objectives.classification.label_key
-        dataset = finetune.make_finetune_train_dataset(
-            config.data, image_size=config.model.image_size,
-            global_batch_size=config.global_batch_size, seed=config.seed,
-            label_keys=(label_key.removeprefix("label_"),),
-            process_index=jax.process_index(), process_count=jax.process_count())
-        return dataset, len(finetune.split_source(config.data, "train"))
-    if task == "image_text":
-        from input_pipeline import pairs
-
-        dataset = pairs.make_pairs_train_dataset(
-            config.data, image_size=config.model.image_size,
-            global_batch_size=config.global_batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        return dataset, pairs.num_pairs(config.data, "train")
-    from input_pipeline import pipeline  # grain import kept off the model/test paths
-
-    dataset = pipeline.make_pretrain_dataset(
-        config.data, scales=tuple(config.model.scales), global_batch_size=config.global_batch_size,
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    return dataset, pipeline.num_records(config.data)
-
-
+# --------------------------------------------------------------------------- checks
 def resolve_steps(config, num_records: int | None) -> tuple[int, int]:
     """(total_steps, warmup_steps) from *_steps or, given the dataset size, *_epochs."""
     def steps(name):
@@ -265,40 +208,48 @@ def resolve_steps(config, num_records: int | None) -> tuple[int, int]:
         if epochs is None:
             return 0
         if not num_records:
-            raise ValueError(f"config.{name}_epochs needs the dataset size; set "
-                             f"config.{name}_steps instead.")
+            raise ConfigError(f"config.{name}_epochs needs the dataset size; set "
+                              f"config.{name}_steps instead.")
         return int(math.ceil(epochs * num_records / config.global_batch_size))
     total, warmup = steps("total"), steps("warmup")
     if total <= 0:
-        raise ValueError("Set config.total_steps or config.total_epochs to a positive value.")
+        raise ConfigError("Set config.total_steps or config.total_epochs to a positive value.")
+    if warmup >= total:
+        raise ConfigError(f"warmup ({warmup} steps) must be shorter than training ({total} "
+                          "steps); lower warmup_steps/warmup_epochs or train longer.")
     return total, warmup
 
 
 def validate_config(config, mesh) -> None:
+    """The batch fits the processes, the accumulation and the mesh's batch shards."""
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     b, k = config.global_batch_size, config.get("grad_accum_steps", 1)
     if b % jax.process_count():
-        raise ValueError(f"global_batch_size {b} must be divisible by the process count "
-                         f"{jax.process_count()}.")
+        raise ConfigError(f"global_batch_size {b} must be divisible by the process count "
+                          f"{jax.process_count()}.")
     if k < 1 or b % k:
-        raise ValueError(f"global_batch_size {b} must be divisible by grad_accum_steps {k}.")
+        raise ConfigError(f"global_batch_size {b} must be divisible by grad_accum_steps {k}.")
     if (b // k) % batch_shards:
-        raise ValueError(
+        raise ConfigError(
             f"Each microbatch ({b} / grad_accum_steps {k} = {b // k}) must split evenly over "
             f"the {batch_shards} batch shards (mesh data x fsdp); change the batch or the mesh.")
-    itc = config.get("objectives", {}).get("mcr", {}).get("itc_weight", 0.0)
-    if k > 1 and config.get("task", None) == "image_text" and itc:
-        # The loss runs once per microbatch, so each sees only its own reports.
-        log.warning(
-            "grad_accum_steps %d: the contrastive loss takes its negatives from each "
-            "microbatch of %d pairs, not from the global batch of %d; it is the loss of "
-            "batch %d, with %d times fewer negatives. For global-batch negatives use more "
-            "devices (or a smaller global batch) with grad_accum_steps=1.", k, b // k, b,
-            b // k, k)
 
 
+@contextlib.contextmanager
+def _as_config_error(section: str):
+    """A data or model setting that cannot be built is the user's to fix: one line."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        message = error.args[0] if error.args else repr(error)
+        raise ConfigError(f"config.{section}: {message}") from error
+
+
+# --------------------------------------------------------------------------- run
 class _StopRequest:
-    """Set by SIGTERM: the loop finishes the step in flight, saves, and exits 0."""
+    """Set by SIGTERM: the run finishes the step in flight, saves, and returns."""
 
     def __init__(self):
         self.requested = False
@@ -316,176 +267,281 @@ def _numeric_arrays(batch: dict) -> dict[str, np.ndarray]:
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
-    keys = history[-1].keys()
     out = {}
-    for key in keys:
+    for key in history[-1].keys():
         values = [float(h[key]) for h in history if key in h]
         finite = [v for v in values if math.isfinite(v)]
         out[key] = float(np.mean(finite)) if finite else values[-1]
     return out
 
 
-def _retrieval_hooks(config, spec, mesh, workdir: str, writer):
-    """Retrieval evals on the val pairs; the tokenizer is kept beside the
-    checkpoints, since the checkpoint's text side is useless without it."""
-    import shutil
+class Run:
+    """One training run in `workdir`, entered once (`fit()` to the end) or many
+    times (`fit(k)` repeatedly, e.g. one federated round each). See the module
+    docstring for where the parameters come from. Use as a context manager, or call
+    `close()` (`finish()` closes too)."""
 
-    from input_pipeline import pairs
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.is_chief = jax.process_index() == 0
+        self._closed = False
+        os.makedirs(workdir, exist_ok=True)
+        run_config.check(config)
+        self.task = tasks.for_config(config)
+        self.mesh = sharding.make_mesh(config.mesh)
+        validate_config(config, self.mesh)
+        self.spec = ModelSpec.from_config(config.model)
+        with _as_config_error("data"):
+            data = self.task.train_data(config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+        self._data_iter = iter(data.dataset)
+        self.total_steps, warmup_steps = resolve_steps(config, data.num_records)
+        self.schedule = optim.make_schedule(
+            config.optimizer, global_batch_size=config.global_batch_size,
+            total_steps=self.total_steps, warmup_steps=warmup_steps)
+        self.tx = optim.make_optimizer(config.optimizer, self.schedule)
+        # The checked config, for export and inference (a refused one leaves no trace).
+        run_config.save_run_config(config, workdir, is_chief=self.is_chief)
+        state, self.abstract_state, self.shardings = create_train_state(
+            config, self.mesh, self.spec, self.tx)
+        n_params = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+        log.info("Model: %.2fM parameters; mesh %s; %d steps (%d warmup); task %s",
+                 n_params / 1e6, dict(self.mesh.shape), self.total_steps, warmup_steps,
+                 self.task.name)
+        self._ckpt = checkpoint.Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=config.get("keep_checkpoints", 3),
+            save_every=config.checkpoint_every)
+        self.state = self._initial_state(state)
+        self.start_step = self.step
+        self.task.prepare_workdir(config, workdir, is_chief=self.is_chief)
+        self._step_fn = jitted_train_step(config, self.spec, self.tx, self.schedule,
+                                          self.shardings, self.mesh)
+        self._compiled = None
+        self._flops, self._peak = None, None
+        self.writer = metric_logging.MetricWriter(workdir)
+        params_target = checkpoint.abstract_with_shardings(self.abstract_state.params,
+                                                           self.shardings.params)
+        with _as_config_error("data"):
+            self.hooks = self.task.eval_hooks(HookContext(
+                config=config, spec=self.spec, mesh=self.mesh, workdir=workdir,
+                writer=self.writer, params_target=params_target))
+        self._stop = _StopRequest()
+        self.last_metrics: dict[str, float] = {}
 
-    if jax.process_index() == 0:
-        shutil.copyfile(pairs.tokenizer_path(config.data), os.path.join(workdir, "tokenizer.json"))
-    return retrieval.RetrievalHooks.for_split(config, spec, mesh, workdir, writer)
+    # ------------------------------------------------------------------ state
+    def _initial_state(self, fresh: TrainState) -> TrainState:
+        latest = self._ckpt.latest_step()
+        init = self.config.get("init", None)
+        if latest is not None:
+            if init:
+                log.warning(
+                    "Resuming from step %d of %s: config.init (%s) is not used. The "
+                    "workdir's own checkpoint holds this run's progress (parameters, optimizer, "
+                    "step, data position); init only starts a fresh run. To start from %s, "
+                    "use a new --workdir.", latest, self._ckpt.directory, init, init)
+            target = checkpoint.abstract_with_shardings(self.abstract_state, self.shardings)
+            return self._ckpt.restore(latest, target, self._data_iter)
+        if init:
+            return init_from_pretrained(self.config, fresh, self.abstract_state, self.shardings)
+        return fresh
 
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
 
-def make_hooks(config, task: str, spec, mesh, workdir: str, writer) -> list:
-    """The eval hooks of the run: `due`, `after_step`, `finish`, `close` each."""
-    hooks = []
-    if task == "classification":
-        hooks.append(classifier_eval.ClassificationHooks(config, spec, mesh, workdir, writer))
-    elif task == "image_text":
-        hooks.append(_retrieval_hooks(config, spec, mesh, workdir, writer))
-    if config.get("evals", None) and config.evals.get("linear_probe", None):
-        hooks.append(probe_hooks.LinearProbeHooks(config, spec, workdir, writer))
-    return hooks
+    @property
+    def stopped(self) -> bool:
+        """True once SIGTERM stopped a fit (the state is saved)."""
+        return self._stop.requested
 
+    def params(self) -> dict:
+        """The current parameters as a nested dict of host numpy arrays."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains per `config`, resuming from `workdir` if it holds a checkpoint.
-    Returns the last logged metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    inference.save_run_config(config, workdir)  # the architecture, for export and inference
-    is_chief = jax.process_index() == 0
-    task = task_of(config)
-    mesh = sharding.make_mesh(config.mesh)
-    validate_config(config, mesh)
-    dataset, num_records = make_train_data(config, task)
-    data_iter = iter(dataset)
-    total_steps, warmup_steps = resolve_steps(config, num_records)
-    schedule = optim.make_schedule(config.optimizer, global_batch_size=config.global_batch_size,
-                                   total_steps=total_steps, warmup_steps=warmup_steps)
-    tx = optim.make_optimizer(config.optimizer, schedule)
-    spec = ModelSpec.from_config(config.model)
-    state, abstract_state, shardings = create_train_state(config, mesh, spec, tx)
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-    log.info("Model: %.2fM parameters; mesh %s; %d steps (%d warmup)",
-             n_params / 1e6, dict(mesh.shape), total_steps, warmup_steps)
+            return jax.tree.map(np.asarray, multihost_utils.process_allgather(
+                self.state.params, tiled=True))
+        return jax.tree.map(np.asarray, jax.device_get(self.state.params))
 
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.get("keep_checkpoints", 3),
-                                   save_every=config.checkpoint_every)
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        state = ckpt.restore(start_step, checkpoint.abstract_with_shardings(abstract_state, shardings),
-                             data_iter)
-        if config.get("init", None):
-            log.info("Resuming from step %d of %s: config.init (%s) is not used.", start_step,
-                     ckpt.directory, config.init)
-    elif config.get("init", None):
-        state = init_from_pretrained(config, state, abstract_state, shardings)
-    start_step = int(start_step or 0)
+    def set_params(self, params: dict) -> None:
+        """Replaces the parameters named in `params` (a nested dict, all of the model's
+        or a part such as {"encoder": ...}); the rest of the state (other parameters,
+        optimizer moments, step, data position) stays. With an EMA, its entries restart
+        from the given values: an average over another trajectory would mean nothing."""
+        given = param_tree.flatten(params)
+        current = param_tree.flatten_leaves(self.state.params)
+        targets = param_tree.flatten_leaves(self.shardings.params)
+        unknown = sorted(set(given) - set(current))
+        if unknown:
+            raise ValueError(f"given parameters the model does not have: {unknown[:6]}"
+                             f"{' ...' if len(unknown) > 6 else ''}")
+        for name, value in given.items():
+            if value.shape != current[name].shape:
+                raise ValueError(f"given parameter {name} has shape {value.shape}, the model's "
+                                 f"is {current[name].shape}.")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"given parameter {name} has non-finite values.")
 
-    train_step = make_train_step(
-        spec, tx, build_loss_fn(config.objectives), schedule,
-        grad_accum_steps=config.get("grad_accum_steps", 1), ema_decay=config.get("ema_decay", 0.0),
-        prepare_batch=lambda batch: dequantize_images(batch, config.data))
-    step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
-    writer = metric_logging.MetricWriter(workdir)
-    figures = reconstruction.FigureWriter(config, spec, workdir) if task == "pretrain" else None
-    hooks = make_hooks(config, task, spec, mesh, workdir, writer)
-    stop = _StopRequest()
-    max_streak = config.get("max_consecutive_nonfinite", 10)
-    last_metrics: dict[str, float] = {}
+        def replace(tree):
+            flat = param_tree.flatten_leaves(tree)
+            for name, value in given.items():
+                flat[name] = _place(value.astype(current[name].dtype), targets[name])
+            return param_tree.unflatten(flat)
 
-    with jax.set_mesh(mesh):
-        step = start_step
-        if step >= total_steps:
-            log.info("Already trained to step %d of %d; nothing to do.", step, total_steps)
-        else:
-            batch = sharding.global_batch(_numeric_arrays(next(data_iter)), mesh)
-            compiled = step_fn.lower(state, batch).compile()
-            flops = perf.compiled_flops(compiled)
-            peak, peak_source = perf.peak_flops_per_device(
-                config.get("peak_tflops_per_device", None),
-                dtype=jnp.float32 if config.model.get("dtype", "float32") == "float32" else jnp.bfloat16)
-            log.info("Compiled step: %s GFLOP per device; peak %.1f TFLOP/s per device (%s)",
-                     f"{flops / 1e9:.1f}" if flops else "n/a", peak / 1e12, peak_source)
+        ema = replace(self.state.ema_params) if self.state.ema_params else self.state.ema_params
+        self.state = self.state.replace(params=replace(self.state.params), ema_params=ema)
+        log.info("Step %d: %d of %d parameter arrays replaced by the given parameters.",
+                 self.step, len(given), len(current))
 
+    # ------------------------------------------------------------------ training
+    def _next_batch(self):
+        """The next global batch and the seconds spent waiting for the loader."""
+        start = time.perf_counter()
+        host_batch = next(self._data_iter)
+        waited = time.perf_counter() - start  # the host->device copy is not a data wait
+        return sharding.global_batch(_numeric_arrays(host_batch), self.mesh), waited
+
+    def _compile(self, batch) -> None:
+        self._compiled = self._step_fn.lower(self.state, batch).compile()
+        self._flops = perf.compiled_flops(self._compiled)
+        dtype = jnp.float32 if self.config.model.get("dtype", "float32") == "float32" \
+            else jnp.bfloat16
+        self._peak, peak_source = perf.peak_flops_per_device(
+            self.config.get("peak_tflops_per_device", None), dtype=dtype)
+        log.info("Compiled step: %s GFLOP per device; peak %.1f TFLOP/s per device (%s)",
+                 f"{self._flops / 1e9:.1f}" if self._flops else "n/a", self._peak / 1e12,
+                 peak_source)
+
+    def fit(self, num_steps: int | None = None, *, params: dict | None = None) -> dict:
+        """Trains `num_steps` more steps (None: to config.total_steps) through the one
+        jitted step, logging, hooks and checkpoints, and saves at the end. `params`
+        replace the current parameters first (`set_params`). Returns the last logged
+        metrics. Stops early, saved, on SIGTERM (`stopped`)."""
+        if params is not None:
+            self.set_params(params)
+        step = self.step
+        if num_steps is not None and num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+        end = self.total_steps if num_steps is None else step + num_steps
+        if end > self.total_steps:
+            raise ConfigError(
+                f"fit({num_steps}) from step {step} would end at step {end}, past "
+                f"config.total_steps = {self.total_steps}, where the learning-rate schedule "
+                "ends; raise total_steps to the whole budget (e.g. rounds x local steps).")
+        if step >= end:
+            if num_steps is None:
+                log.info("Already trained to step %d of %d; nothing to do.", step,
+                         self.total_steps)
+            return self.last_metrics
+        config, writer = self.config, self.writer
+        max_streak = config.get("max_consecutive_nonfinite", 10)
         history: list[dict] = []
-        pending = None  # metrics of the step in flight, read one step late to keep dispatch async
+        pending = None  # metrics of the step in flight, read one step late (async dispatch)
 
         def record(step_number, device_metrics):
             history.append(jax.device_get(device_metrics))
             if int(history[-1]["nonfinite_streak"]) >= max_streak:
                 writer.write(step_number, history[-1])
-                writer.close()
-                _raise_nonfinite(history[-1], step_number, ckpt)
+                self._raise_nonfinite(history[-1], step_number)
 
-        window_start, window_steps, data_wait, data_wait_max = time.perf_counter(), 0, 0.0, 0.0
-        while step < total_steps:
-            state, metrics = compiled(state, batch)
-            step += 1
-            window_steps += 1
-            if pending is not None:
-                record(*pending)
-            pending = (step, metrics)
-            stop_now = stop.requested or step == total_steps
-            if step % config.log_every == 0 or stop_now:
-                record(*pending)
-                pending = None
-                elapsed = time.perf_counter() - window_start
-                last_metrics = _mean_metrics(history)
-                last_metrics.update(_speed_metrics(config, elapsed, window_steps, data_wait,
-                                                   flops, peak, mesh))
-                last_metrics["data_wait_max_s"] = data_wait_max
-                writer.write(step, last_metrics)
-                if is_chief:
-                    _log_progress(step, total_steps, last_metrics)
-                history, window_steps, data_wait, data_wait_max = [], 0, 0.0, 0.0
-                window_start = time.perf_counter()
-            if figures and (step % config.figure_every == 0 or step == total_steps):
-                figures.write(step, state.params)
-            for hook in hooks:
-                if hook.due(step, total_steps):
-                    last_metrics.update(hook.after_step(step, state))
-            # Save before fetching the next batch: the saved iterator position must be
-            # the first batch the resumed run has not trained on.
-            ckpt.save(step, state, data_iter, force=stop_now)
-            if stop.requested:
-                log.warning("Stopped by SIGTERM at step %d; checkpoint saved.", step)
-                break
-            if step < total_steps:
-                # Only the loader's share: the host->device copy is not a data wait.
-                wait_start = time.perf_counter()
-                host_batch = next(data_iter)
-                waited = time.perf_counter() - wait_start
-                data_wait += waited
-                data_wait_max = max(data_wait_max, waited)
-                batch = sharding.global_batch(_numeric_arrays(host_batch), mesh)
-        if step >= total_steps:
-            for hook in hooks:
-                hook.finish(state, abstract_state.params, shardings.params,
-                            trained=step > start_step)
-    ckpt.close()
-    for hook in hooks:
-        hook.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-        data_iter.close()  # stops prefetch workers and frees their shared memory
-    return last_metrics
+        with jax.set_mesh(self.mesh):
+            batch, _ = self._next_batch()
+            if self._compiled is None:
+                self._compile(batch)
+            window_start, window_steps, data_wait, data_wait_max = time.perf_counter(), 0, 0.0, 0.0
+            while step < end:
+                self.state, metrics = self._compiled(self.state, batch)
+                step += 1
+                window_steps += 1
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                at_end = self._stop.requested or step == end
+                if step % config.log_every == 0 or at_end:
+                    record(*pending)
+                    pending = None
+                    elapsed = time.perf_counter() - window_start
+                    self.last_metrics = _mean_metrics(history)
+                    self.last_metrics.update(_speed_metrics(
+                        config, elapsed, window_steps, data_wait, self._flops, self._peak,
+                        self.mesh))
+                    self.last_metrics["data_wait_max_s"] = data_wait_max
+                    writer.write(step, self.last_metrics)
+                    if self.is_chief:
+                        _log_progress(step, self.total_steps, self.last_metrics)
+                    history, window_steps, data_wait, data_wait_max = [], 0, 0.0, 0.0
+                    window_start = time.perf_counter()
+                for hook in self.hooks:
+                    if hook.due(step, self.total_steps):
+                        self.last_metrics.update(hook.after_step(step, self.state))
+                # Save before fetching the next batch: the saved iterator position must
+                # be the first batch a resumed run has not trained on.
+                self._ckpt.save(step, self.state, self._data_iter, force=at_end)
+                if self._stop.requested:
+                    log.warning("Stopped by SIGTERM at step %d; checkpoint saved.", step)
+                    break
+                if step < end:
+                    batch, waited = self._next_batch()
+                    data_wait += waited
+                    data_wait_max = max(data_wait_max, waited)
+        return self.last_metrics
+
+    def _raise_nonfinite(self, metrics, step):
+        streak = int(metrics["nonfinite_streak"])
+        self._ckpt.wait()
+        good = self._ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"Loss or gradients were non-finite for {streak} consecutive steps, the last at "
+            f"step {step}; those updates were skipped and the run is stopped. The last good "
+            f"checkpoint is step {good} in {self._ckpt.directory} (left intact). Lower "
+            "optimizer.base_lr, enable optimizer.grad_clip_norm, or check the data for "
+            "non-finite values.")
+
+    # ------------------------------------------------------------------ end
+    def finish(self) -> dict:
+        """The hooks' end-of-run work (test metrics, final files) once the run has
+        reached total_steps; then closes. Returns {hook class name: its result}."""
+        results = {}
+        if self.step >= self.total_steps and not self._closed:
+            trained = self.step > self.start_step
+            with jax.set_mesh(self.mesh):
+                for hook in self.hooks:
+                    result = hook.finish(self.state, trained=trained)
+                    if result is not None:
+                        results[type(hook).__name__] = result
+        self.close()
+        return results
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the hooks, writer and data workers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ckpt.close()
+        for hook in self.hooks:
+            hook.close()
+        self.writer.close()
+        if hasattr(self._data_iter, "close"):
+            self._data_iter.close()  # stops prefetch workers and frees their shared memory
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _raise_nonfinite(metrics, step, ckpt):
-    streak = int(metrics["nonfinite_streak"])
-    ckpt.wait()
-    good = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"Loss or gradients were non-finite for {streak} consecutive steps, the last at "
-        f"step {step}; those updates were skipped and the run is stopped. The last good "
-        f"checkpoint is step {good} in {ckpt.directory} (left intact). Lower "
-        "optimizer.base_lr, enable optimizer.grad_clip_norm, or check the data for "
-        "non-finite values.")
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains per `config` to total_steps, resuming from `workdir` if it holds a
+    checkpoint, then runs the end-of-run evals. Returns the last logged metrics."""
+    with Run(config, workdir) as run:
+        metrics = run.fit()
+        if not run.stopped:
+            run.finish()
+    return metrics
 
 
+# --------------------------------------------------------------------------- logging
 def _speed_metrics(config, elapsed, steps, data_wait, flops, peak, mesh) -> dict[str, float]:
     step_time = elapsed / max(steps, 1)
     out = {"step_time_s": step_time,

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mimjax import checkpoint, inference, train
-from mimjax.export import tree
+from mimjax import checkpoint, run_config, train
 from mimjax.models import build_model
+from mimjax.models import param_tree as tree
 
 IMAGE_SIZE = 16
 
@@ -112,7 +112,7 @@ def write_workdir(path, config, steps=(5,), seed=0, *, train_state=False) -> dic
         ckpt.save(step, state, force=True)
         saved[step] = params
     ckpt.close()
-    inference.save_run_config(config, str(path))
+    run_config.save_run_config(config, str(path))
     return saved
 
 

@@ -274,20 +274,20 @@ def test_layout_helpers(tmp_path):
 
 REPORT_FULL = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
- 
+
  INDICATION:  ___F with new onset ascites  // eval for infection
- 
+
  TECHNIQUE:  Chest PA and lateral
- 
+
  COMPARISON:  None.
- 
- FINDINGS: 
- 
+
+ FINDINGS:
+
  There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
  nodular opacities that most likely represent nipple shadows.
- 
- IMPRESSION: 
- 
+
+ IMPRESSION:
+
  No acute cardiopulmonary process.
 """
 REPORT_IMPRESSION_ONLY = """ WET READ: ___ ___ ___ 10:45 AM
@@ -295,15 +295,15 @@ REPORT_IMPRESSION_ONLY = """ WET READ: ___ ___ ___ 10:45 AM
  ______________________________________________________________________________
                                  FINAL REPORT
  HISTORY:  Line placement.
- 
+
  IMPRESSION:  Right internal jugular line ends in the
  low SVC.  No pneumothorax.
 """
 REPORT_NO_SECTIONS = """                                 FINAL REPORT
  PORTABLE CHEST OF ___
- 
+
  COMPARISON:  ___ radiograph.
- 
+
  Lines and tubes are unchanged in position.  Mild
  pulmonary edema has improved.
 """

@@ -7,28 +7,55 @@ import jax
 import pytest
 from flax import nnx
 
+from mimjax import run_config, tasks
+from mimjax.drivers import experiment
 from mimjax.models import build_model
+from mimjax.models.spec import ModelSpec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILES = ["demo", "mae_vit_b16", "miram_vit_b16"]
+# Every config file: a module under configs/ with get_config (the *_base.py modules hold
+# shared defaults and are not run on their own).
+CONFIG_FILES = sorted(
+    str(path.relative_to(CONFIG_DIR.parent).with_suffix("")).replace("/", ".")
+    for path in CONFIG_DIR.rglob("*.py") if "def get_config" in path.read_text())
+
+
+def test_config_files_are_discovered():
+    assert {"configs.demo", "configs.mcr_demo", "configs.experiments.miram_vs_mae",
+            "configs.finetune_cbis_pathology"} <= set(CONFIG_FILES)
+    assert not any(name.endswith("_base") for name in CONFIG_FILES)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-def test_config_loads_and_documents_command_time_result(name):
-    module = importlib.import_module(f"configs.{name}")
+def test_config_documents_command_time_result_and_builds(name):
+    """Each config file's docstring gives its command, wall time and expected result;
+    its config (and its :tiny variant, where it has one) passes the checks and builds."""
+    module = importlib.import_module(name)
     doc = module.__doc__
-    assert "python main.py --config configs/" in doc
-    assert "Expected" in doc and ("wall time" in doc.lower() or "minutes" in doc.lower())
-    config = module.get_config()
-    assert config.model.scales[0] == config.model.image_size
-    assert len(config.objectives.masked_reconstruction.scale_weights) == len(config.model.scales)
+    assert f"python main.py --config {name.replace('.', '/')}.py" in doc, name
+    assert "Expected wall time" in doc and "Expected result" in doc, name
+    args = [None] + (["tiny"] if ":tiny" in doc else [])
+    for arg in args:
+        config = module.get_config(arg)
+        run_config.check(config)
+        if config.get("driver", None) == "experiment":
+            experiment.check_experiment(config)
+            continue
+        tasks.for_config(config)
+        ModelSpec.from_config(config.model)  # builds (abstractly)
+        if config.model.name == "mae":
+            scales = config.model.scales
+            assert scales[0] == config.model.image_size
+            weights = config.objectives.masked_reconstruction.scale_weights
+            assert len(weights) == len(scales)
 
 
 @pytest.mark.parametrize("name,scales", [("miram_vit_b16", [112, 224]), ("mae_vit_b16", [112])])
 def test_paper_setups(name, scales):
     config = importlib.import_module(f"configs.{name}").get_config("/data/cbis_shards")
-    assert config.data.source == "arrayrecord" and config.data.dir == "/data/cbis_shards"
-    assert (config.model.variant, config.model.image_size, config.model.scales) == ("B/16", 112, scales)
+    assert config.data.source == "shards" and config.data.dir == "/data/cbis_shards"
+    model = config.model
+    assert (model.variant, model.image_size, model.scales) == ("B/16", 112, scales)
     assert config.objectives.masked_reconstruction.mask_ratio == 0.75
     decoder = config.model.decoder
     assert (decoder.width, decoder.depth, decoder.num_heads) == (512, 8, 16)
@@ -61,7 +88,7 @@ def test_finetune_configs_document_and_build(name):
         model = nnx.eval_shape(lambda c=config: build_model(c.model, rngs=nnx.Rngs(0)))
         assert model.head is not None
     paper = module.get_config("/data/cbis_prepared")
-    assert (paper.data.source, paper.data.dir) == ("arrayrecord", "/data/cbis_prepared")
+    assert (paper.data.source, paper.data.dir) == ("prepared", "/data/cbis_prepared")
     assert (paper.model.variant, paper.model.image_size) == ("B/16", 224)
 
 
@@ -70,7 +97,7 @@ def test_experiment_config_compares_equal_budgets():
     assert "python main.py --config configs/experiments/miram_vs_mae.py" in module.__doc__
     for arg in (None, "/data/cbis_prepared"):
         c = module.get_config(arg)
-        assert c.task == "experiment" and list(c.arms) == ["miram", "mae", "scratch"]
+        assert c.driver == "experiment" and list(c.arms) == ["miram", "mae", "scratch"]
         miram, mae = c.pretrain.miram, c.pretrain.mae
         assert len(miram.model.scales) == 2 and list(mae.model.scales) == [miram.model.image_size]
         for key in ("total_steps", "total_epochs", "global_batch_size", "seed"):
@@ -79,7 +106,8 @@ def test_experiment_config_compares_equal_budgets():
         assert miram.model.image_size <= c.finetune.pathology.model.image_size
     demo_scale = module.get_config()
     # Pretraining never sees the images fine-tuning tests on.
-    assert demo_scale.pretrain.miram.data.phantom_seed != demo_scale.finetune.pathology.data.phantom_seed
+    pretrain_data = demo_scale.pretrain.miram.data
+    assert pretrain_data.phantom_seed != demo_scale.finetune.pathology.data.phantom_seed
     paper = module.get_config("/data/cbis_prepared")
     assert paper.pretrain.miram.data.dir == "/data/cbis_prepared/train"
 
@@ -96,7 +124,7 @@ def test_mcr_mimic_cxr_paper_setup():
     assert config.task == "image_text" and config.model.name == "mcr"
     data = config.data
     assert (data.source, data.dir, tuple(data.view_groups)) == (
-        "arrayrecord", "/data/mimic_prepared", ("frontal",))
+        "prepared", "/data/mimic_prepared", ("frontal",))
     text_cfg = config.model.text
     assert text_cfg.vocab_size == data.vocab_size and 30000 <= data.vocab_size <= 31000
     assert text_cfg.max_length == data.max_text_length

@@ -2,48 +2,27 @@
 (bitwise-identical losses to an uninterrupted run on CPU), the NaN guard."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import metric_records, run_main, start_main
+
+DEMO = "configs/demo.py:tiny"
 LONG = ["--config.total_steps=120", "--config.checkpoint_every=5", "--config.log_every=1",
         "--config.figure_every=1000"]
 
 
-def _command(workdir, data_dir, *overrides):
-    return [sys.executable, "main.py", "--config", "configs/demo.py:tiny", "--workdir", str(workdir),
-            f"--config.data.dir={data_dir}", *overrides]
-
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # one CPU device, as a user's laptop
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _run(workdir, data_dir, *overrides, check=True, timeout=600):
-    proc = subprocess.run(_command(workdir, data_dir, *overrides), cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+def _run(workdir, data_dir, *overrides, check=True):
+    return run_main(DEMO, workdir, f"--config.data.dir={data_dir}", *overrides, check=check)
 
 
 def _losses(workdir) -> dict[int, float]:
     """Last logged loss per step (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:  # eval records (e.g. the linear probe) carry no loss
-            out[record["step"]] = record["loss"]
-    return out
+    # Eval records (e.g. the linear probe) carry no loss.
+    return {r["step"]: r["loss"] for r in metric_records(workdir) if "loss" in r}
 
 
 def _finished_steps(workdir) -> list[int]:
@@ -52,14 +31,14 @@ def _finished_steps(workdir) -> list[int]:
 
 
 def _start_and_interrupt(workdir, data_dir, sig, after_step):
-    proc = subprocess.Popen(_command(workdir, data_dir, *LONG), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_main(DEMO, workdir, f"--config.data.dir={data_dir}", *LONG)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if any(s >= after_step for s in _finished_steps(workdir)):
             break
         time.sleep(0.02)
-    assert proc.poll() is None, "run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    assert proc.poll() is None, ("run ended before it could be interrupted:\n"
+                                 + proc.stderr.read()[-3000:])
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
@@ -92,7 +71,8 @@ def test_demo_writes_metrics_events_figures_checkpoints(tmp_path, data_dir):
     # Fit on the phantom's train split of lesion crops (48 images: 38 / 5 / 5).
     assert all(r["probe/pathology/num_train"] == 38 for r in probes)
     assert list(tmp_path.glob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["recon_4.png", "recon_8.png"]
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == ["recon_4.png", "recon_8.png"]
     assert _finished_steps(tmp_path)[-1] == 8
     assert "MFU" in proc.stderr and "img/s" in proc.stderr and "ETA" in proc.stderr
     # Re-running a finished workdir resumes at the end and does nothing.

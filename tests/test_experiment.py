@@ -1,32 +1,21 @@
-"""The MIRAM vs MAE vs scratch experiment end to end at tiny scale (main.py, task
+"""The MIRAM vs MAE vs scratch experiment end to end at tiny scale (main.py, driver
 "experiment"): every arm pretrained, fine-tuned and probed, one table; a re-run
 reuses the finished runs."""
 
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import run_main
 
 
 def _run(workdir, data_dir):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device
     overrides = [f"--config.{section}.data.dir={data_dir}" for section in (
         "pretrain.miram", "pretrain.mae", "finetune.pathology", "finetune.margins")]
-    proc = subprocess.run(
-        [sys.executable, "main.py", "--config", "configs/experiments/miram_vs_mae.py:tiny",
-         "--workdir", str(workdir), *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc.stderr
+    return run_main("configs/experiments/miram_vs_mae.py:tiny", workdir, *overrides,
+                    timeout=900).stderr
 
 
 @pytest.mark.slow

@@ -18,12 +18,12 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from export_fixtures import images, tiny_config, write_workdir
-
 from mimjax import inference
 from mimjax.export import convert
 from mimjax.export import timm as timm_export
 from mimjax.models import vit
+
+from export_fixtures import images, tiny_config, write_workdir
 
 TOL = 1e-4
 MEASURED = {}

@@ -3,46 +3,19 @@ and from a tiny demo pretraining; val evals, the best checkpoint, test metrics a
 figures; the encoder loaded from the pretraining checkpoint; resume."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import metric_records as _records
+from helpers import run_main
+
 PATHOLOGY = "configs/finetune_cbis_pathology.py:tiny"
 
 
 def _run(config, workdir, data_dir, *overrides):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "main.py",
-            "--config",
-            config,
-            "--workdir",
-            str(workdir),
-            f"--config.data.dir={data_dir}",
-            *overrides,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def _records(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return run_main(config, workdir, f"--config.data.dir={data_dir}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +63,7 @@ def test_finetune_from_scratch_writes_val_metrics_best_and_test(tmp_path, data_d
 def test_init_puts_the_checkpoint_encoder_into_the_fresh_state(pretrain_workdir):
     from configs import finetune_cbis_pathology
     from mimjax import optim, pretrained, sharding, train
+    from mimjax.models.spec import ModelSpec
 
     config = finetune_cbis_pathology.get_config("tiny")
     config.init = str(pretrain_workdir)
@@ -98,7 +72,7 @@ def test_init_puts_the_checkpoint_encoder_into_the_fresh_state(pretrain_workdir)
         config.optimizer, global_batch_size=8, total_steps=8, warmup_steps=2
     )
     tx = optim.make_optimizer(config.optimizer, schedule)
-    spec = train.ModelSpec.from_config(config.model)
+    spec = ModelSpec.from_config(config.model)
     fresh, abstract, shardings = train.create_train_state(config, mesh, spec, tx)
     fresh_head = jax.device_get(fresh.params["head"])
     state = train.init_from_pretrained(config, fresh, abstract, shardings)
@@ -121,17 +95,17 @@ def test_init_puts_the_checkpoint_encoder_into_the_fresh_state(pretrain_workdir)
 
 def test_task_must_fit_the_model():
     from configs import demo, finetune_cbis_pathology
-    from mimjax import train
+    from mimjax import tasks
 
     config = finetune_cbis_pathology.get_config("tiny")
-    assert train.task_of(config) == "classification"
+    assert tasks.for_config(config).name == "classification"
     config.task = "pretrain"
     with pytest.raises(ValueError, match="does not fit model.name"):
-        train.task_of(config)
-    config.task = "segmentation"
+        tasks.for_config(config)
+    config.task = "no_such_task"
     with pytest.raises(ValueError, match="config.task must be one of"):
-        train.task_of(config)
-    assert train.task_of(demo.get_config("tiny")) == "pretrain"
+        tasks.for_config(config)
+    assert tasks.for_config(demo.get_config("tiny")).name == "pretrain"
 
 
 @pytest.mark.slow

@@ -1,10 +1,7 @@
 """Fine-tuning building blocks: heads, classifier, drop path, loading a pretrained
 encoder from a real demo checkpoint, and layer-wise lr decay."""
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +10,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_model_config
 from flax import nnx
 
-from mimjax import optim, pretrained, train
-from mimjax.models import build_model, heads, vit
+from mimjax import optim, pretrained
+from mimjax.models import build_model, heads, param_tree, vit
+from mimjax.models.spec import ModelSpec
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import start_main, tiny_model_config
 
 
 def classifier_config(**overrides) -> ml_collections.ConfigDict:
@@ -44,11 +41,11 @@ def abstract_params(cfg) -> dict:
 
 
 def bind(cfg, params):
-    return train.ModelSpec.from_config(cfg).bind(params)
+    return ModelSpec.from_config(cfg).bind(params)
 
 
 def flat(tree) -> dict:
-    return pretrained._flatten(tree)
+    return param_tree.flatten_leaves(tree)
 
 
 def images(channels=1, size=32, batch=2, seed=0):
@@ -355,22 +352,12 @@ def _demo_pretraining(tmp_path_factory):
     """Starts the tiny demo pretraining (2 steps, one CPU device) in a subprocess when
     this module starts, so it runs beside the in-process tests; `demo_workdir` waits."""
     root = tmp_path_factory.mktemp("pretrain")
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    command = [
-        sys.executable,
-        "main.py",
-        "--config",
-        "configs/demo.py:tiny",
-        "--workdir",
-        str(root / "work"),
-        f"--config.data.dir={root / 'data'}",
-        "--config.total_steps=2",
-        "--config.warmup_steps=1",
-        "--config.checkpoint_every=1",
-        "--config.figure_every=1000",
-    ]
+    overrides = [f"--config.data.dir={root / 'data'}", "--config.total_steps=2",
+                 "--config.warmup_steps=1", "--config.checkpoint_every=1",
+                 "--config.figure_every=1000"]
     with open(root / "log.txt", "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_main("configs/demo.py:tiny", root / "work", *overrides, stdout=log,
+                          stderr=subprocess.STDOUT)
         yield proc, root
         if proc.poll() is None:
             proc.kill()

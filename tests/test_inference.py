@@ -1,12 +1,14 @@
-"""mimjax.inference: run config, checkpoint loading at any step, the image encoder
+"""mimjax.inference: checkpoint loading at any step, the image encoder
 (normalisation as in training, any batch size, gray -> RGB, classifier heads).
 """
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
+
+from mimjax import inference
+
 from export_fixtures import (
     IMAGE_SIZE,
     images,
@@ -14,25 +16,9 @@ from export_fixtures import (
     tiny_config,
     write_workdir,
 )
-from flax import nnx
-
-from mimjax import inference
 
 
 # --------------------------------------------------------------------------- tests
-def test_run_config_round_trips_through_the_workdir(tmp_path):
-    config = tiny_config()
-    path = inference.save_run_config(config, str(tmp_path))
-    assert json.loads(Path(path).read_text())["model"]["width"] == 32
-    loaded = inference.load_run_config(str(tmp_path / "checkpoints"))  # parent is found too
-    assert loaded.model.to_dict() == config.model.to_dict()
-    with pytest.raises(FileNotFoundError, match="save_run_config"):
-        inference.load_run_config(str(tmp_path / "elsewhere"))
-    # a workdir without config.json: the config file the run used, with its argument
-    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
-    assert inference.resolve_config(f"{demo}:tiny").model.width == 64
-
-
 def test_encoder_loads_any_step_and_matches_the_model(tmp_path):
     config = tiny_config()
     saved = write_workdir(tmp_path, config, steps=(3, 5), train_state=True)

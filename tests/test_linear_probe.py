@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
 
-from mimjax import train
 from mimjax.evaluators import classification
 from mimjax.evaluators import linear_probe as lp
+from mimjax.models.spec import ModelSpec
+
+from helpers import tiny_model_config
 
 # ----------------------------------------------------------------------------- ridge solver
 
@@ -189,7 +190,7 @@ def test_extract_features_drops_padding_and_checks_image_key():
 @pytest.fixture(scope="module")
 def mae_setup():
     cfg = tiny_model_config()
-    spec = train.ModelSpec.from_config(cfg)
+    spec = ModelSpec.from_config(cfg)
     return spec, spec.init_params(cfg, jax.random.PRNGKey(0))
 
 
@@ -273,7 +274,7 @@ def test_encoder_features_same_for_mae_and_classifier(mae_setup):
     spec, params = mae_setup
     cls_cfg = tiny_model_config(name="vit_classifier", head="cls", num_classes=4)
     del cls_cfg.scales, cls_cfg.decoder
-    cls_spec = train.ModelSpec.from_config(cls_cfg)
+    cls_spec = ModelSpec.from_config(cls_cfg)
     cls_params = cls_spec.init_params(cls_cfg, jax.random.PRNGKey(1))
     cls_params["encoder"] = params["encoder"]
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 1)).astype(np.float32)

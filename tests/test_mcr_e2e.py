@@ -5,32 +5,17 @@ and resume."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from input_pipeline.cxr_phantom import LABEL_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import metric_records as _records
+from helpers import run_main, run_tool
 
 
 def _run(config, workdir, data_dir):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device
-    proc = subprocess.run(
-        [sys.executable, "main.py", "--config", config, "--workdir", str(workdir),
-         f"--config.data.dir={data_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc.stderr
-
-
-def _records(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return run_main(config, workdir, f"--config.data.dir={data_dir}").stderr
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +67,7 @@ def test_image_text_pretraining_logs_terms_and_retrieval(trained, data_dir, arm,
 
 
 def _evaluate(*args):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device, as trained
-    return subprocess.run([sys.executable, "tools/evaluate_retrieval.py", *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    return run_tool("evaluate_retrieval", *args)  # one CPU device, as trained
 
 
 @pytest.mark.slow

@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import training_setup
 from flax import nnx
-from mcr_fixtures import VOCAB, random_pairs, tiny_mcr_config, token_rows
 
 from mimjax import sharding
 from mimjax.models import build_model, mae, text
 from mimjax.objectives import OBJECTIVES, build_loss_fn, contrastive, mcr
+
+from helpers import training_setup
+from mcr_fixtures import VOCAB, random_pairs, tiny_mcr_config, token_rows
 
 RNG = jax.random.PRNGKey(7)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_model_config
 from mimjax.models import build_model, mae, vit
 from mimjax.objectives import masked_reconstruction
 
+from helpers import tiny_model_config
 
 # timm's published parameter totals (ImageNet-1k head, learned positions, 224 px):
 TIMM_TOTALS = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656,
@@ -191,6 +191,7 @@ def test_norm_pix_targets_match_mae_definition():
     images = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 1)) * 3 + 1
     target = masked_reconstruction.patch_targets(images, 8, norm_pix_loss=True)
     raw = np.asarray(vit.patchify(images, 8))
-    expected = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, ddof=1, keepdims=True) + 1e-6)
+    std = np.sqrt(raw.var(-1, ddof=1, keepdims=True) + 1e-6)
+    expected = (raw - raw.mean(-1, keepdims=True)) / std
     np.testing.assert_allclose(target, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(vit.unpatchify(vit.patchify(images, 8), 8, 1), images)

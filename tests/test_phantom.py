@@ -176,7 +176,8 @@ def test_label_consistency():
         assert (sum(margins) == 0) == is_calc
         assert sum(margins) <= 2
         expected = P.PATHOLOGY_CLASSES.index(
-            f"{'malignant' if labels['malignant'] else 'benign'}_{'calcification' if is_calc else 'mass'}"
+            f"{'malignant' if labels['malignant'] else 'benign'}_"
+            f"{'calcification' if is_calc else 'mass'}"
         )
         assert labels["pathology"] == expected
         assert labels["laterality"] in ("L", "R") and labels["view"] in ("CC", "MLO")

@@ -6,11 +6,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import training_setup
-from mcr_fixtures import random_pairs, report_strings, tiny_mcr_config
 from PIL import Image
 
 from mimjax.evaluators import retrieval
+
+from helpers import training_setup
+from mcr_fixtures import random_pairs, report_strings, tiny_mcr_config
 
 
 def _brute_force_ranks(scores, query_groups, gallery_groups):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import random_batch as _batch
-from conftest import tiny_model_config, training_setup
 from mimjax import sharding, train
 from mimjax.objectives import build_loss_fn
+
+from helpers import random_batch as _batch
+from helpers import tiny_model_config, training_setup
 
 # f32 on CPU; sharded reductions sum in a different order than one device does.
 RTOL, ATOL = 2e-5, 1e-6
@@ -50,14 +51,18 @@ def test_sharded_loss_and_grads_equal_single_device(reference, mesh_cfg):
         for key in path:
             ref = ref[key.key]
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=ATOL, err_msg=sharding.path_to_str(path))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ATOL), params, ref_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ATOL),
+                 params, ref_params)
 
 
 def test_rules_shard_what_they_say():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert sharding.spec_for("encoder/transformer/blocks/0/attn/query/kernel", (64, 64), mesh) == P("fsdp", "tensor")
-    assert sharding.spec_for("encoder/transformer/blocks/attn/out/kernel", (2, 64, 64), mesh) == P(None, "tensor", "fsdp")
-    assert sharding.spec_for("opt_state/1/0/mu/encoder/transformer/blocks/0/mlp/fc2/kernel", (128, 64), mesh) == P("tensor", "fsdp")
+    spec = lambda path, shape: sharding.spec_for(path, shape, mesh)
+    assert spec("encoder/transformer/blocks/0/attn/query/kernel", (64, 64)) == P("fsdp", "tensor")
+    assert spec("encoder/transformer/blocks/attn/out/kernel", (2, 64, 64)) == P(
+        None, "tensor", "fsdp")
+    assert spec("opt_state/1/0/mu/encoder/transformer/blocks/0/mlp/fc2/kernel",
+                (128, 64)) == P("tensor", "fsdp")
     # Biases and norms are too small for FSDP; indivisible dims fall back to replication.
     assert sharding.spec_for("encoder/norm/scale", (64,), mesh) == P(None)
     assert sharding.spec_for("decoders/0/pred/kernel", (128, 63), mesh) == P("fsdp", None)

@@ -20,12 +20,12 @@ RAW_MIMIC = """                                 FINAL REPORT
  COMPARISON:  None.
 
  FINDINGS:
- 
+
  The lungs are clear.  There is a small LEFT pleural effusion.
  Heart size is normal.
 
  IMPRESSION:
- 
+
  Small left   pleural effusion.
 
  NOTIFICATION:  Dr. ___ was called.

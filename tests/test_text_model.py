@@ -6,10 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from mcr_fixtures import VOCAB, tiny_mcr_config, token_rows
 
 from mimjax.evaluators import reconstruction
 from mimjax.models import build_model, mcr, text, vit
+
+from mcr_fixtures import VOCAB, tiny_mcr_config, token_rows
 
 
 @nnx.jit

@@ -10,13 +10,14 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import random_batch as _batch
-from conftest import trainer_config as _config
-from conftest import training_setup
 
 from input_pipeline.dequantize import dequantize_images
 from mimjax import checkpoint, optim, sharding, train
 from mimjax.objectives import build_loss_fn
+
+from helpers import REPO, training_setup
+from helpers import random_batch as _batch
+from helpers import trainer_config as _config
 
 
 def _setup(mesh_cfg=None, devices=None, **overrides):
@@ -47,7 +48,8 @@ def test_nonfinite_step_skips_update_and_counts():
     assert np.isfinite(metrics["loss"]) and metrics["lr"] > 0
     assert int(metrics["nonfinite_steps"]) == 2 and int(metrics["nonfinite_streak"]) == 0
     assert int(state.step) == 4
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params),
+                           before)
     assert any(jax.tree.leaves(changed))
 
 
@@ -113,7 +115,8 @@ def test_ema_tracks_params():
 
 
 def test_weight_decay_mask_and_lr_scaling():
-    params = {"encoder": {"cls_token": jnp.zeros((1, 1, 8)), "norm": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+    params = {"encoder": {"cls_token": jnp.zeros((1, 1, 8)),
+                          "norm": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
                           "patch_embed": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},
                           "pos_embedding": jnp.ones((1, 4, 8))},
               "decoders": {0: {"mask_token": jnp.zeros((1, 1, 8))}}}
@@ -126,7 +129,8 @@ def test_weight_decay_mask_and_lr_scaling():
     assert optim.peak_learning_rate(cfg.optimizer, 4096) == pytest.approx(1e-3 * 16)
     schedule = optim.make_schedule(cfg.optimizer, global_batch_size=256, total_steps=100,
                                    warmup_steps=10)
-    assert schedule(0) == 0 and schedule(10) == pytest.approx(1e-3) and schedule(100) == pytest.approx(0)
+    assert schedule(0) == 0 and schedule(10) == pytest.approx(1e-3)
+    assert schedule(100) == pytest.approx(0)
     with pytest.raises(ValueError, match="warmup"):
         optim.make_schedule(cfg.optimizer, global_batch_size=256, total_steps=10, warmup_steps=10)
 
@@ -147,7 +151,8 @@ def test_restore_onto_fewer_devices(tmp_path):
         _, new_mesh, _, _, _, _, new_abstract, new_shardings = _setup(mesh_cfg, devices)
         reader = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
         assert reader.latest_step() == 1
-        restored = reader.restore(1, checkpoint.abstract_with_shardings(new_abstract, new_shardings))
+        target = checkpoint.abstract_with_shardings(new_abstract, new_shardings)
+        restored = reader.restore(1, target)
         reader.close()
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
         leaf = restored.params["encoder"]["patch_embed"]["kernel"]
@@ -157,22 +162,27 @@ def test_restore_onto_fewer_devices(tmp_path):
 def test_trainer_import_pulls_no_tensorflow():
     code = ("import sys, main, mimjax.train, input_pipeline.pipeline; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(REPO))
 
 
 def test_gradient_accumulation_warns_that_contrastive_negatives_shrink(caplog):
     """Accumulation runs the loss per microbatch: an image-report run is told its
     contrastive negatives come from B/k pairs, and other runs are not warned."""
-    from configs import mcr_demo
+    from configs import demo, mcr_demo
+    from mimjax import tasks
 
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     config = mcr_demo.get_config("tiny")
     config.grad_accum_steps = 2
-    with caplog.at_level("WARNING", logger="mimjax.train"):
-        train.validate_config(config, mesh)
+    with caplog.at_level("WARNING", logger="mimjax.tasks.image_text"):
+        tasks.for_config(config)
     assert "microbatch of 4 pairs, not from the global batch of 8" in caplog.text
     caplog.clear()
     config.objectives.mcr.itc_weight = 0.0
-    with caplog.at_level("WARNING", logger="mimjax.train"):
-        train.validate_config(config, mesh)
+    with caplog.at_level("WARNING", logger="mimjax.tasks.image_text"):
+        tasks.for_config(config)
+    assert "microbatch" not in caplog.text
+    pretraining = demo.get_config("tiny")
+    pretraining.grad_accum_steps = 2
+    with caplog.at_level("WARNING"):
+        tasks.for_config(pretraining)
     assert "microbatch" not in caplog.text

@@ -18,10 +18,11 @@ What it runs (mimjax.experiment; every run resumes, so re-running completes it):
 4. writes WORKDIR/results.csv and results.md: macro-AP, macro-AUC and accuracy per
    task and arm, fine-tuned and probed, and the probe macro-AUC difference of every
    two arms with a paired bootstrap 95% interval (probe_differences.csv).
-Expected on a 2-core CPU: about 20 minutes alone (measured 19 min 21 s: two
+Expected wall time on a 2-core CPU: about 20 minutes alone (measured 19 min 21 s: two
 pretrainings of 1,000 steps, MIRAM 8 min and MAE 2; six fine-tunings of 300 steps;
-six probes). Result (README, "Fine-tuning and the MIRAM vs MAE vs scratch
-experiment"), test split of 205 lesions: probe macro-AUC on pathology 0.835 (MIRAM),
+six probes).
+Expected result (README, "Fine-tuning and the MIRAM vs MAE vs scratch experiment"),
+test split of 205 lesions: probe macro-AUC on pathology 0.835 (MIRAM),
 0.838 (MAE), 0.740 (random encoder), on margins 0.774 / 0.779 / 0.725: both
 pretrainings beat the random encoder (intervals +0.06..+0.13 and +0.00..+0.10),
 MIRAM and MAE tie (differences -0.003 and -0.006, intervals around zero).
@@ -79,7 +80,7 @@ def _demo_finetuning(module, arg) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.task = "experiment"
+    c.driver = "experiment"
     c.seed = 0
     c.arms = list(ARMS)
     if arg in (None, "tiny"):

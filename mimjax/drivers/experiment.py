@@ -1,8 +1,10 @@
-"""Pretraining comparison runs: pretrain each arm, fine-tune and linear-probe each
-arm on each task, one results table (`config.task = "experiment"`).
+"""Driver "experiment": pretrain each arm, fine-tune and linear-probe each arm on
+each task, one results table (`config.driver = "experiment"`).
 
 The experiment config (e.g. configs/experiments/miram_vs_mae.py) holds complete
-run configs, so every run is an ordinary `train.train_and_evaluate` call:
+run configs, so every run is an ordinary `train.train_and_evaluate` call (checked
+together before the first one starts, so a mistake in the last run's config does
+not surface after the first has trained):
 - `pretrain.{arm}`: a pretraining config per pretrained arm (same data, steps and
   batch for every arm: the same budget);
 - `finetune.{task}`: a fine-tuning config per task; each arm fine-tunes it with
@@ -30,7 +32,10 @@ import os
 import jax
 import numpy as np
 
+from mimjax import pretrained as pretrained_lib
+from mimjax import run_config, tasks, train
 from mimjax.evaluators import bootstrap, linear_probe, probe_hooks
+from mimjax.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,6 @@ def _pretrain_workdir(workdir: str, arm: str) -> str:
 
 def run_pretraining(config, workdir: str) -> dict[str, str]:
     """Pretrains every arm that has a config; returns {arm: its workdir}."""
-    from mimjax import train
-
     out = {}
     for arm in config.arms:
         if arm not in config.pretrain:
@@ -57,8 +60,6 @@ def run_pretraining(config, workdir: str) -> dict[str, str]:
 
 def run_finetuning(config, workdir: str, pretrained: dict[str, str]) -> dict:
     """Fine-tunes every (task, arm); returns {(task, arm): test metrics}."""
-    from mimjax import train
-
     results = {}
     for task, task_cfg in config.finetune.items():
         for arm in config.arms:
@@ -76,8 +77,6 @@ def run_finetuning(config, workdir: str, pretrained: dict[str, str]) -> dict:
 def _encoder_params(task_cfg, spec, init_dir: str | None, seed: int) -> dict:
     """The task model's parameters: the arm's pretrained encoder (head random) or
     all random (scratch), as the fine-tuning run starts."""
-    from mimjax import pretrained as pretrained_lib
-
     fresh = spec.init_params(task_cfg.model, jax.random.PRNGKey(seed))
     if init_dir is None:
         return fresh
@@ -88,8 +87,6 @@ def _encoder_params(task_cfg, spec, init_dir: str | None, seed: int) -> dict:
 def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
     """Linear probe per (task, arm). Returns ({(task, arm): metrics}, the paired
     differences of probe macro-AUC between every two arms of each task)."""
-    from mimjax import train
-
     probe_cfg = config.probe
     results, differences = {}, []
     for task, task_cfg in config.finetune.items():
@@ -103,7 +100,7 @@ def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
             )
             for split in (probe_cfg.train_split, probe_cfg.eval_split)
         }
-        spec = train.ModelSpec.from_config(task_cfg.model)
+        spec = ModelSpec.from_config(task_cfg.model)
         encode = linear_probe.encoder_features_fn(spec, probe_cfg.pool)
         evaluator = linear_probe.LinearProbeEvaluator(
             encode,
@@ -201,12 +198,26 @@ def write_table(rows: list[dict], workdir: str, differences: list[dict] = ()) ->
     return markdown
 
 
-def run_experiment(config, workdir: str) -> list[dict]:
-    """Pretrain, fine-tune, probe; writes and returns the results table."""
+def check_experiment(config) -> None:
+    """Every run config of the experiment, checked before anything trains."""
     unknown = [arm for arm in config.pretrain if arm not in config.arms]
     if unknown:
-        raise ValueError(f"config.pretrain has arms {unknown} that config.arms {list(config.arms)} "
-                         "does not list; add them to arms or remove them.")
+        raise run_config.ConfigError(
+            f"config.pretrain has arms {unknown} that config.arms {list(config.arms)} does "
+            "not list; add them to arms or remove them.")
+    sections = [(f"pretrain.{arm}", c) for arm, c in config.pretrain.items()]
+    sections += [(f"finetune.{task}", c) for task, c in config.finetune.items()]
+    for name, section in sections:
+        try:
+            run_config.check(section)
+            tasks.for_config(section)
+        except run_config.ConfigError as error:
+            raise run_config.ConfigError(f"config.{name}: {error}") from None
+
+
+def run_experiment(config, workdir: str) -> list[dict]:
+    """Pretrain, fine-tune, probe; writes and returns the results table."""
+    check_experiment(config)
     os.makedirs(workdir, exist_ok=True)
     pretrained = run_pretraining(config, workdir)
     finetuned = run_finetuning(config, workdir, pretrained)

@@ -20,6 +20,7 @@ import numpy as np
 
 from mimjax import sharding
 from mimjax.evaluators import classification
+from mimjax.evaluators.hooks import EvalHook, HookContext, uses_ema
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,8 @@ class ClassifierEvaluator:
         return classification.confusion_matrix_figure(matrix, self.class_names, path, title)
 
 
-class ClassificationHooks:
-    """What the trainer does around training for the "classification" task.
+class ClassificationHooks(EvalHook):
+    """Val evals, the best checkpoint and the test eval of the "classification" task.
 
     `after_step`: every `config.eval_every` steps and at the last step, evaluates on
     "val", logs the scalar metrics as "val/NAME" into metrics.jsonl, draws
@@ -93,28 +94,18 @@ class ClassificationHooks:
 
     SELECT_BY = "auc_macro"
 
-    def __init__(self, config, spec, mesh, workdir: str, writer):
+    def __init__(self, ctx: HookContext):
         from mimjax import checkpoint  # orbax import kept off the metric paths
 
-        self.config, self.spec, self.mesh, self.writer = config, spec, mesh, writer
-        self.workdir = workdir
-        self.figures = os.path.join(workdir, "figures")
-        self.eval_every = int(config.get("eval_every", 0) or 0)
-        self.use_ema = bool(config.get("eval_use_ema", False))
-        if self.use_ema and not config.get("ema_decay", 0.0):
-            raise ValueError(
-                "config.eval_use_ema needs an EMA: set config.ema_decay > 0 "
-                "(e.g. 0.9999) or eval_use_ema=False."
-            )
-        self.val = ClassifierEvaluator(config, spec, mesh, "val")
-        self.best = checkpoint.BestCheckpointer(os.path.join(workdir, "best"))
+        config = ctx.config
+        super().__init__(config.get("eval_every", 0), use_ema=uses_ema(config))
+        self.config, self.spec, self.mesh, self.writer = config, ctx.spec, ctx.mesh, ctx.writer
+        self.workdir = ctx.workdir
+        self.params_target = ctx.params_target
+        self.figures = os.path.join(ctx.workdir, "figures")
+        self.val = ClassifierEvaluator(config, ctx.spec, ctx.mesh, "val")
+        self.best = checkpoint.BestCheckpointer(os.path.join(ctx.workdir, "best"))
         self.best_metrics = self.best.best_metrics()
-
-    def eval_params(self, state):
-        return state.ema_params if self.use_ema else state.params
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return step == total_steps or (self.eval_every > 0 and step % self.eval_every == 0)
 
     def after_step(self, step: int, state) -> dict[str, float]:
         """Runs the val eval; returns its scalars ("val/NAME")."""
@@ -140,10 +131,8 @@ class ClassificationHooks:
             self.best.save(step, params, self.best_metrics)
         return logged
 
-    def finish(self, state, abstract_params, params_shardings, *, trained: bool) -> dict | None:
+    def finish(self, state, *, trained: bool) -> dict | None:
         """Test metrics of the best checkpoint; skipped when a finished run is re-run."""
-        from mimjax import checkpoint
-
         path = os.path.join(self.workdir, "test_metrics.json")
         if not trained and os.path.exists(path):
             return None
@@ -151,9 +140,7 @@ class ClassificationHooks:
         if best_step is None:
             params, best_step = self.eval_params(state), int(state.step)
         else:
-            params = self.best.restore_params(
-                checkpoint.abstract_with_shardings(abstract_params, params_shardings)
-            )
+            params = self.best.restore_params(self.params_target)
         metrics = ClassifierEvaluator(self.config, self.spec, self.mesh, "test").evaluate(params)
         metrics = dict(metrics, checkpoint_step=best_step)
         log.info(

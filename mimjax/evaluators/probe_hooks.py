@@ -13,11 +13,12 @@ The labelled splits are decoded and resized once, when the hook is built.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import ml_collections
 
 from mimjax.evaluators import linear_probe
+from mimjax.evaluators.hooks import EvalHook
+from mimjax.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,18 @@ def task_evaluators(probe_cfg, encode, train_batches, eval_batches):
     ]
 
 
-class LinearProbeHooks:
-    """The trainer's hook interface: `due`, `after_step`, `finish`, `close`."""
+class LinearProbeHooks(EvalHook):
+    """Fits and scores the probe every `evals.linear_probe.every` steps and at the
+    last step, on the current (not EMA) encoder parameters."""
 
-    def __init__(self, config, spec, workdir: str, writer):
-        del workdir  # metrics go through the writer
+    def __init__(self, config, spec, writer):
         probe_cfg = config.evals.linear_probe
         if not probe_cfg.get("tasks"):
-            raise ValueError(
+            raise ConfigError(
                 "config.evals.linear_probe.tasks is empty: name at least one task "
                 "({name: {label_key, multilabel, class_names}})."
             )
-        self.every = int(probe_cfg.get("every", 0) or 0)
+        super().__init__(probe_cfg.get("every", 0))
         self.writer = writer
         label_keys = sorted(
             {t["label_key"].removeprefix("label_") for t in probe_cfg.tasks.values()}
@@ -88,9 +89,6 @@ class LinearProbeHooks:
         log.info("Linear probe: %s on %d train / %d %s images", list(probe_cfg.tasks),
                  train.num_records, held_out.num_records, probe_cfg.get("eval_split", "val"))
 
-    def due(self, step: int, total_steps: int) -> bool:
-        return step == total_steps or (self.every > 0 and step % self.every == 0)
-
     def after_step(self, step: int, state) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for evaluator in self.evaluators:
@@ -108,9 +106,3 @@ class LinearProbeHooks:
         )
         log.info("step %d | linear probe: %s", step, summary)
         return metrics
-
-    def finish(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def close(self) -> None:
-        return None

@@ -1,4 +1,5 @@
-"""Reconstruction figures: WORKDIR/figures/recon_STEP.png.
+"""Reconstruction figures of pretraining: WORKDIR/figures/recon_STEP.png, drawn by
+the `ReconstructionFigureHook` every `config.figure_every` steps and at the last step.
 
 Columns per image: original (highest scale) | masked input (base scale) | for each
 scale, the reconstruction (predicted masked patches, visible patches pasted back).
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from input_pipeline.dequantize import dequantize_images
+from mimjax.evaluators.hooks import EvalHook
 from mimjax.models import mae, vit
 
 
@@ -90,8 +92,10 @@ class FigureWriter:
         self.mask_ratio = float(objective.get("mask_ratio", 0.75))
         self.norm_pix = bool(objective.get("norm_pix_loss", True))
         self.mean, self.std = float(config.data.norm_mean), float(config.data.norm_std)
-        num_patches = (config.model.image_size // vit.parse_variant(config.model.variant)["patch_size"]) ** 2
-        self.noise = jax.random.uniform(jax.random.PRNGKey(config.seed + 1), (num_images, num_patches))
+        patch = vit.parse_variant(config.model.variant)["patch_size"]
+        num_patches = (config.model.image_size // patch) ** 2
+        self.noise = jax.random.uniform(jax.random.PRNGKey(config.seed + 1),
+                                        (num_images, num_patches))
         self.directory = os.path.join(workdir, "figures")
         self._fn = jax.jit(lambda params, images, noise: reconstruct(
             spec.bind(params), images, noise, self.mask_ratio, self.norm_pix))
@@ -106,3 +110,16 @@ class FigureWriter:
         path = os.path.join(self.directory, f"recon_{step}.png")
         render(self.images, outputs, self.scales, self.mean, self.std, title).save(path)
         return path
+
+
+class ReconstructionFigureHook(EvalHook):
+    """Writes figures/recon_STEP.png every `config.figure_every` steps and at the
+    last step (the current parameters, the same images and masks each time)."""
+
+    def __init__(self, config, spec, workdir: str):
+        super().__init__(config.get("figure_every", 0))
+        self.figures = FigureWriter(config, spec, workdir)
+
+    def after_step(self, step: int, state) -> dict[str, float]:
+        self.figures.write(step, state.params)
+        return {}

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 
 from mimjax import sharding
 from mimjax.evaluators.classification import figure_font, text_size
+from mimjax.evaluators.hooks import EvalHook, uses_ema
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _named(config_section, key, default):
     return config_section.get(key, default) if config_section is not None else default
 
 
-class RetrievalHooks:
+class RetrievalHooks(EvalHook):
     """The trainer's eval hook for image-report pretraining (see the module docstring).
 
     `eval_batches`: the held-out split as dict batches ("image", "text_ids",
@@ -309,15 +310,9 @@ class RetrievalHooks:
         writer,
         eval_batches: Iterable[dict] | Callable[[], Iterable[dict]],
     ):
+        super().__init__(config.get("eval_every", 0), use_ema=uses_ema(config))
         self.workdir, self.writer = workdir, writer
         self.figures = os.path.join(workdir, "figures")
-        self.eval_every = int(config.get("eval_every", 0) or 0)
-        self.use_ema = bool(config.get("eval_use_ema", False))
-        if self.use_ema and not config.get("ema_decay", 0.0):
-            raise ValueError(
-                "config.eval_use_ema needs an EMA: set config.ema_decay > 0 "
-                "(e.g. 0.9999) or eval_use_ema=False."
-            )
         section = config.get("retrieval", None)
         self.match_identical = bool(_named(section, "match_identical_reports", True))
         self.figure_queries = int(_named(section, "figure_queries", 4))
@@ -351,9 +346,6 @@ class RetrievalHooks:
         if self._cached is None and iter(self._source) is self._source:
             self._cached = list(self._source)  # a one-shot iterator: keep it for later evals
         return self._cached if self._cached is not None else self._source
-
-    def eval_params(self, state):
-        return state.ema_params if self.use_ema else state.params
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -400,9 +392,6 @@ class RetrievalHooks:
             norm_std=self.norm[1],
         )
 
-    def due(self, step: int, total_steps: int) -> bool:
-        return step == total_steps or (self.eval_every > 0 and step % self.eval_every == 0)
-
     def after_step(self, step: int, state) -> dict[str, float]:
         """Evaluates; writes and returns the scalars as "retrieval/NAME"."""
         metrics, data = self.evaluate(self.eval_params(state))
@@ -426,9 +415,7 @@ class RetrievalHooks:
         self.last = (step, metrics)
         return logged
 
-    def finish(
-        self, state, abstract_params=None, params_shardings=None, *, trained: bool = True
-    ) -> dict | None:
+    def finish(self, state, *, trained: bool = True) -> dict | None:
         """Writes WORKDIR/retrieval_metrics.json for the final parameters (evaluating
         them unless `after_step` just did); skipped when a finished run is re-run."""
         path = os.path.join(self.workdir, "retrieval_metrics.json")
@@ -448,6 +435,3 @@ class RetrievalHooks:
             with open(path, "w") as f:
                 json.dump(metrics, f, indent=1)
         return metrics
-
-    def close(self) -> None:
-        pass

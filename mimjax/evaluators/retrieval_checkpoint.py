@@ -28,15 +28,16 @@ import os
 import jax
 import ml_collections
 
-from mimjax import inference, sharding
+from mimjax import inference, run_config, sharding
 from mimjax.evaluators import finding_probe as finding_probe_lib
 from mimjax.evaluators import retrieval
+from mimjax.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 def _run_config(workdir: str, config) -> ml_collections.ConfigDict:
-    config = inference.resolve_config(config) if config is not None else inference.load_run_config(
-        workdir)
+    config = (run_config.resolve_config(config) if config is not None
+              else run_config.load_run_config(workdir))
     name = config.get("model", {}).get("name", None)
     if name != "mcr":
         raise ValueError(
@@ -64,7 +65,6 @@ def evaluate_checkpoint(
     docstring for what is written. data_dir overrides the run's config.data.dir;
     config is only needed for a workdir without config.json."""
     from input_pipeline import pairs, text  # pylint: disable=g-import-not-at-top
-    from mimjax.train import ModelSpec  # pylint: disable=g-import-not-at-top
 
     if split not in pairs.SPLITS:  # before the checkpoint is read
         raise ValueError(f"split must be one of {pairs.SPLITS}, got {split!r}")

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mimjax.export import tree
+from mimjax.models import param_tree as tree
 from mimjax.models import vit
 
 EXPORT_RECORD = "mimjax_export.json"
@@ -214,7 +214,7 @@ def write_checkpoint(out_dir: str, flat: dict[str, np.ndarray], config, *, step:
     """Writes parameters as a mimjax checkpoint (OUT/checkpoints/<step>/state, the layout
     `mimjax.pretrained.load_pretrained_params` and `--config.init` read) plus
     OUT/config.json; returns the checkpoints directory."""
-    from mimjax import checkpoint, inference
+    from mimjax import checkpoint, run_config
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     directory = os.path.join(out_dir, "checkpoints")
@@ -227,5 +227,5 @@ def write_checkpoint(out_dir: str, flat: dict[str, np.ndarray], config, *, step:
     ckpt = checkpoint.Checkpointer(directory, max_to_keep=1, async_save=False)
     ckpt.save(step, state, force=True)
     ckpt.close()
-    inference.save_run_config(config, out_dir)
+    run_config.save_run_config(config, out_dir)
     return directory

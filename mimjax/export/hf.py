@@ -40,7 +40,8 @@ import os
 import ml_collections
 import numpy as np
 
-from mimjax.export import common, tree
+from mimjax.export import common
+from mimjax.models import param_tree as tree
 
 log = logging.getLogger(__name__)
 

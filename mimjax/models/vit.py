@@ -65,7 +65,8 @@ class TransformerConfig:
     gelu_approximate: bool = True
     scan: bool = False
     remat: bool = False
-    attention: str = "xla"  # "xla": explicit einsums, f32 softmax; "fused": jax.nn.dot_product_attention
+    # "xla": explicit einsums, f32 softmax; "fused": jax.nn.dot_product_attention
+    attention: str = "xla"
     drop_path_rate: float = 0.0  # last block's stochastic depth; block i gets i/(depth-1) of it
 
     def __post_init__(self):
@@ -284,7 +285,10 @@ class ViTConfig:
 def vit_config_from(model_cfg) -> ViTConfig:
     """Builds a ViTConfig from a config section with `variant` ('B/16') and overrides."""
     spec = parse_variant(model_cfg.variant)
-    get = lambda key, default: model_cfg.get(key, default) if hasattr(model_cfg, "get") else getattr(model_cfg, key, default)
+    def get(key, default):
+        if hasattr(model_cfg, "get"):
+            return model_cfg.get(key, default)
+        return getattr(model_cfg, key, default)
     transformer = TransformerConfig(
         width=get("width", None) or spec["width"],
         depth=get("depth", None) or spec["depth"],
@@ -322,7 +326,8 @@ class ViTEncoder(nnx.Module):
             self.pos_embedding = nnx.Param(
                 nnx.initializers.normal(0.02)(rngs.params(), (1, cfg.num_patches, tcfg.width)))
         if cfg.class_token:
-            self.cls_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, tcfg.width)))
+            self.cls_token = nnx.Param(
+                nnx.initializers.normal(0.02)(rngs.params(), (1, 1, tcfg.width)))
         self.transformer = Transformer(tcfg, rngs=rngs)
         self.norm = layer_norm(tcfg.width, tcfg, rngs)
 
