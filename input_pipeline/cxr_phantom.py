@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Sequence
 
 import cv2
@@ -931,39 +930,7 @@ def recall_at_1_ceiling(combinations: Sequence[int]) -> float:
     return float(np.mean(1.0 / counts[inverse]))
 
 
-def cxr_phantom_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:
-    return os.path.join(os.fspath(data_dir), f"cxr_phantom_{size}_{seed}_{num_images}")
-
-
-def ensure_cxr_phantom_dataset(
-    data_dir: str,
-    *,
-    num_images: int,
-    seed: int,
-    size: int,
-    num_shards: int = 4,
-    num_procs: int | None = None,
-) -> list[str]:
-    """Renders the paired phantom into shards once per data directory.
-
-    Shards go to `cxr_phantom_dir(...)`; generation, reuse and concurrency as in
-    rendered.ensure_rendered_dataset. Records are
-    distributed round-robin over the shards (see records.write_shards):
-    meta["phantom_index"] names the pair a record holds.
-    """
-    if num_images < 1 or size < 32 or num_shards < 1:
-        raise ValueError(
-            f"need num_images >= 1, size >= 32, num_shards >= 1, got {num_images}, {size}, "
-            f"{num_shards}"
-        )
-    return rendered.ensure_rendered_dataset(
-        cxr_phantom_dir(data_dir, num_images=num_images, seed=seed, size=size),
-        render_cxr,
-        num_images=num_images,
-        seed=seed,
-        size=size,
-        prefix="cxr",
-        num_shards=num_shards,
-        num_procs=num_procs,
-        parallel_from=256,
-    )
+# The cache's names (declared in rendered.PHANTOMS). A record's
+# meta["phantom_index"] names the pair it holds: the shards interleave them.
+ensure_cxr_phantom_dataset = rendered.PHANTOMS["cxr_phantom"].ensure
+cxr_phantom_dir = rendered.PHANTOMS["cxr_phantom"].shards_dir

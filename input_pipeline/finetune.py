@@ -36,19 +36,17 @@ rotation, 0.63 ms with it (the warp runs at the crop's full resolution).
 Evaluation (make_eval_batches): every record of the split once, in record
 order, the whole (square) image resized to image_size, no randomness; the last
 batch is padded with rows whose batch["valid"] is False. The split is decoded
-and resized once, when the EvalBatches is built, and kept in memory as integer
-pixels (a 224 px uint16 image is 100 kB, so 1,000 records take 100 MB);
-batches are normalized on access. Build it once and iterate it at every eval.
-Measured (448 px phantom -> 224, one core): building 0.4 ms per record, a pass
-over the built batches 0.25 ms per record.
+and resized once, when the EvalBatches is built, and kept in memory
+(eval_batches.py). Build it once and iterate it at every eval. Measured (448 px
+phantom -> 224, one core): building 0.4 ms per record, a pass over the built
+batches 0.25 ms per record.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -56,7 +54,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from input_pipeline import pipeline, sources, transforms
+from input_pipeline import eval_batches, pipeline, sources, transforms
+from input_pipeline.eval_batches import EvalBatches
 from input_pipeline.record_source import RecordSource
 
 SPLITS = sources.SPLITS
@@ -327,13 +326,8 @@ def make_finetune_train_dataset(
     pipeline.check_batching(data_cfg, global_batch_size, seed, process_index, process_count)
 
     src = split_source(data_cfg, split)
-    if len(src) < global_batch_size:
-        raise ValueError(
-            f"the {split!r} split has {len(src)} records, too few for a global batch of "
-            f"{global_batch_size}"
-        )
-    # Independent streams for the record order and the augmentation.
-    order_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    pipeline.check_split_fills_batch(len(src), global_batch_size, split, "records")
+    order_seed, augment_seed = pipeline.stream_seeds(seed)
     balanced_label = _get(data_cfg, "balanced_label", None)
     if balanced_label:
         draws = BalancedDraws(_single_class_labels(src, balanced_label), order_seed)
@@ -364,68 +358,6 @@ def make_finetune_train_dataset(
     )
 
 
-class EvalBatches(Sequence):
-    """One deterministic pass over a split in fixed-size batches, held in memory.
-
-    batches[i]: {"image": float32 [B, S, S, C], "index": int32 [B] (-1 on
-    padding), "valid": bool [B], "label_{k}": [B, ...] (zeros on padding)}.
-    Also: `num_records`, `labels` ({"label_{k}": [num_records, ...]}) and
-    `indices` for metrics over the whole split.
-    """
-
-    def __init__(
-        self,
-        pixels: np.ndarray,
-        max_values: np.ndarray,
-        labels: dict[str, np.ndarray],
-        *,
-        batch_size: int,
-        mean: float,
-        std: float,
-        channels: int,
-    ):
-        self._pixels, self._max_values = pixels, max_values
-        self.labels = labels
-        self.indices = np.arange(len(pixels), dtype=np.int32)
-        self.batch_size = int(batch_size)
-        self._mean, self._std, self._channels = mean, std, channels
-
-    @property
-    def num_records(self) -> int:
-        return len(self._pixels)
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_records / self.batch_size)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"batch {i} out of range for {len(self)} batches")
-        start = (i % len(self)) * self.batch_size
-        rows = slice(start, min(start + self.batch_size, self.num_records))
-        n, pad = rows.stop - rows.start, self.batch_size - (rows.stop - rows.start)
-        # transforms.normalize's arithmetic (same float32 results), one pass for
-        # the whole batch, straight into the padded output.
-        image = np.zeros((self.batch_size, *self._pixels.shape[1:], self._channels), np.float32)
-        scale = (1.0 / (self._max_values[rows] * self._std)).astype(np.float32)
-        x = np.multiply(self._pixels[rows], scale[:, None, None], dtype=np.float32)
-        x -= np.float32(self._mean / self._std)
-        image[:n] = x[..., None]
-        batch = {
-            "image": image,
-            "index": np.concatenate([self.indices[rows], np.full(pad, -1, np.int32)]),
-            "valid": np.arange(self.batch_size) < n,
-        }
-        for k, v in self.labels.items():
-            batch[k] = np.concatenate([v[rows], np.zeros((pad, *v.shape[1:]), v.dtype)])
-        return batch
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return (self[i] for i in range(len(self)))
-
-    def __repr__(self) -> str:
-        return f"EvalBatches({self.num_records} records, {len(self)} x {self.batch_size})"
-
-
 def make_eval_batches(
     data_cfg: Any, split: str, *, image_size: int, batch_size: int, label_keys: Sequence[str]
 ) -> EvalBatches:
@@ -433,24 +365,12 @@ def make_eval_batches(
     image_size (area averaging when shrinking, as MultiScaleResize), normalized
     as in training; the last batch padded to batch_size with valid=False rows.
     Decodes and resizes the split now (see the module docstring on memory)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    # Validates the shared arguments exactly as pretraining does.
-    resize = transforms.MultiScaleResize(
-        (int(image_size),),
-        mean=float(data_cfg.norm_mean),
-        std=float(data_cfg.norm_std),
-        channels=int(_get(data_cfg, "channels", 1)),
-    )
+    resize = eval_batches.eval_resize(data_cfg, image_size=image_size, batch_size=batch_size)
     read = _ReadRecord(split_source(data_cfg, split), *transforms.roi_settings(data_cfg))
-    pixels, max_values, labels = [], [], []
-    for i in range(len(read.raw)):
-        record = read(i)
-        image, meta = record["image"], record["meta"]
-        _check_2d(image, i)
-        pixels.append(transforms.resize_square(image, int(image_size)))
-        max_values.append(transforms.intensity_max(image, meta))
-        labels.append(record_labels(meta, i, label_keys))
+    pixels, max_values, metas = eval_batches.resize_split(
+        (_image_and_meta(read(i)) for i in range(len(read.raw))), resize
+    )
+    labels = [record_labels(meta, i, label_keys) for i, meta in enumerate(metas)]
     stacked = {}
     for k in (f"label_{k}" for k in label_keys):
         shapes = {v[k].shape for v in labels}
@@ -460,12 +380,9 @@ def make_eval_batches(
                 "every record needs the same label layout"
             )
         stacked[k] = np.stack([v[k] for v in labels])
-    return EvalBatches(
-        np.stack(pixels),
-        np.asarray(max_values, np.float64),
-        stacked,
-        batch_size=batch_size,
-        mean=resize.mean,
-        std=resize.std,
-        channels=resize.channels,
-    )
+    return EvalBatches(pixels, max_values, stacked, batch_size=batch_size, resize=resize)
+
+
+def _image_and_meta(record: dict) -> tuple[np.ndarray, dict]:
+    _check_2d(record["image"], record["index"])
+    return record["image"], record["meta"]

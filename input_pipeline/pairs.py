@@ -57,6 +57,7 @@ import numpy as np
 
 from input_pipeline import (
     cxr_phantom,
+    eval_batches,
     finetune,
     pipeline,
     sources,
@@ -354,13 +355,9 @@ def make_pairs_train_dataset(
     the same batches after a restore whatever the worker or process count."""
     pipeline.check_batching(data_cfg, global_batch_size, seed, process_index, process_count)
     pairs = pair_split(data_cfg, split)
-    if len(pairs) < global_batch_size:
-        raise ValueError(
-            f"the {split!r} split has {len(pairs)} pairs, too few for a global batch of "
-            f"{global_batch_size}"
-        )
+    pipeline.check_split_fills_batch(len(pairs), global_batch_size, split, "pairs")
     tokenizer = ensure_tokenizer(data_cfg)
-    order_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    order_seed, augment_seed = pipeline.stream_seeds(seed)
     read = _ReadPair(
         pairs,
         tokenizer.to_str(),
@@ -454,7 +451,7 @@ class EvalPairs(Sequence):
     hit in the query's group), `record_indices`.
     """
 
-    def __init__(self, batches: finetune.EvalBatches, **attributes):
+    def __init__(self, batches: eval_batches.EvalBatches, **attributes):
         self._batches = batches
         self.reports: list[str] = attributes["reports"]
         self.texts: list[str] = attributes["texts"]
@@ -511,27 +508,14 @@ def make_eval_pairs(
     """Every pair of `split` once (see EvalPairs). Decodes and resizes the split
     now and keeps it in memory as integer pixels; build it once per run.
     tokenizer: defaults to ensure_tokenizer(data_cfg)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    # Validates the shared arguments exactly as training does.
-    resize = transforms.MultiScaleResize(
-        (int(image_size),),
-        mean=float(data_cfg.norm_mean),
-        std=float(data_cfg.norm_std),
-        channels=int(_get(data_cfg, "channels", 1)),
-    )
+    resize = eval_batches.eval_resize(data_cfg, image_size=image_size, batch_size=batch_size)
     if tokenizer is None:
         tokenizer = ensure_tokenizer(data_cfg)
     report_key = str(_get(data_cfg, "report_key", "report"))
     pairs = pair_split(data_cfg, split)
-    pixels, max_values, metas = [], [], []
-    for i in range(len(pairs)):
-        image, meta = pairs.decode(pairs[i])
-        if image.ndim != 2:
-            raise ValueError(f"pair {i} of {split!r} has a {image.ndim}-D image {image.shape}")
-        pixels.append(transforms.resize_square(image, int(image_size)))
-        max_values.append(transforms.intensity_max(image, meta))
-        metas.append(meta)
+    pixels, max_values, metas = eval_batches.resize_split(
+        (_decode_2d(pairs, i) for i in range(len(pairs))), resize
+    )
     reports = [m[report_key] for m in metas]
     texts = [text.preprocess_report(r) for r in reports]
     ids, mask = text.encode_reports(tokenizer, texts, _max_text_length(data_cfg))
@@ -546,14 +530,12 @@ def make_eval_pairs(
                 f"{key!r}; set label_key to a key every record has, or None"
             )
         labels = np.stack([_positive(m[key], key, i, len(names)) for i, m in enumerate(metas)])
-    batches = finetune.EvalBatches(
-        np.stack(pixels),
-        np.asarray(max_values, np.float64),
+    batches = eval_batches.EvalBatches(
+        pixels,
+        max_values,
         {"text_ids": ids, "text_mask": mask, "finding_labels": labels},
         batch_size=batch_size,
-        mean=resize.mean,
-        std=resize.std,
-        channels=resize.channels,
+        resize=resize,
     )
     return EvalPairs(
         batches,
@@ -565,6 +547,13 @@ def make_eval_pairs(
         label_names=names,
         record_indices=pairs.record_indices.copy(),
     )
+
+
+def _decode_2d(pairs: PairSplit, i: int) -> tuple[np.ndarray, dict]:
+    image, meta = pairs.decode(pairs[i])
+    if image.ndim != 2:
+        raise ValueError(f"pair {i} of {pairs.name!r} has a {image.ndim}-D image {image.shape}")
+    return image, meta
 
 
 def measure_pair_intensity_stats(

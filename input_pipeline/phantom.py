@@ -25,13 +25,12 @@ import math
 import cv2
 import numpy as np
 
-MARGIN_TYPES = ("circumscribed", "obscured", "ill_defined", "microlobulated", "spiculated")
-PATHOLOGY_CLASSES = (
-    "benign_mass",
-    "malignant_mass",
-    "benign_calcification",
-    "malignant_calcification",
+# The phantom draws CBIS-DDSM's labels, so configs and heads read either the same way.
+from input_pipeline.builders.cbis_ddsm import (  # noqa: F401  (PATHOLOGY_CLASSES re-exported)
+    MARGIN_TYPES,
+    PATHOLOGY_CLASSES,
 )
+
 BITS_STORED = 12
 MAX_VALUE = (1 << BITS_STORED) - 1
 

@@ -185,6 +185,21 @@ def check_batching(
         raise ValueError(f"num_workers must be >= 0, got {_get(data_cfg, 'num_workers')}")
 
 
+def check_split_fills_batch(count: int, global_batch_size: int, split: str, unit: str) -> None:
+    """A training split must hold at least one global batch of `unit`s."""
+    if count < global_batch_size:
+        raise ValueError(
+            f"the {split!r} split has {count} {unit}, too few for a global batch of "
+            f"{global_batch_size}"
+        )
+
+
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """Independent seeds for a training stream's record order and its augmentation."""
+    order_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    return order_seed, augment_seed
+
+
 def batched(
     stream: grain.MapDataset,
     data_cfg: Any,
@@ -247,8 +262,7 @@ def _record_stream(
         quantize=True,
         **_transform_kwargs(data_cfg),
     )
-    # Independent streams for the permutation and the augmentation.
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    shuffle_seed, augment_seed = stream_seeds(seed)
     return (
         _decoded_records(src, *transforms.roi_settings(data_cfg))
         .shuffle(seed=shuffle_seed)

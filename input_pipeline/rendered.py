@@ -1,13 +1,20 @@
 """Datasets rendered or ingested once per data directory and reused: the procedural
-phantoms' shard caches and the demo's two real CR radiographs.
+phantoms' shard caches (one `Phantom` declaration each, in PHANTOMS) and the
+demo's two real CR radiographs.
 
 Kept apart from the source resolver (sources.py) so that the spawned processes
 that render a phantom import only this module, records.py and the phantom's
-renderer: no grain, no JAX, no TFDS.
+renderer: no grain, no JAX, no TFDS. For the same reason a declaration names
+its render function as "module:function", imported only when rendering.
+
+Adding a phantom: a module with a module-level `render(index, seed, size) ->
+(image, meta)` (spawned workers pickle it by name), then one line in PHANTOMS.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import multiprocessing
 import os
@@ -42,9 +49,11 @@ def ensure_rendered_dataset(
     num_shards: int = 4,
     num_procs: int | None = None,
     parallel_from: int = 64,
+    min_size: int = 1,
 ) -> list[str]:
     """Renders `render_fn(index, seed, size) -> (image, meta)` for every index into
-    shards `out_dir/{prefix}-*.array_record`, once.
+    shards `out_dir/{prefix}-*.array_record`, once. Records are distributed
+    round-robin over the shards (records.write_shards).
 
     A marker file is written last; if it exists the shards are reused untouched,
     otherwise (first call, or a generation that was killed) everything is
@@ -53,11 +62,13 @@ def ensure_rendered_dataset(
     `render_fn` must be module-level (spawned workers pickle it). num_procs:
     rendering processes; None = one per core (at most 8) from `parallel_from`
     images on, else 1. The result does not depend on it: images are rendered by
-    index and written in index order.
+    index and written in index order. min_size: the smallest side `render_fn`
+    draws, checked before anything is started.
     """
-    if num_images < 1 or size < 1 or num_shards < 1:
+    if num_images < 1 or size < min_size or num_shards < 1:
         raise ValueError(
-            f"need num_images, size, num_shards >= 1, got {num_images}, {size}, {num_shards}"
+            f"need num_images >= 1, size >= {min_size}, num_shards >= 1, got {num_images}, "
+            f"{size}, {num_shards}"
         )
     marker = os.path.join(out_dir, _MARKER)
     if os.path.exists(marker):
@@ -94,34 +105,76 @@ def ensure_rendered_dataset(
     return paths
 
 
-def ensure_phantom_dataset(
-    data_dir: str,
-    *,
-    num_images: int,
-    seed: int,
-    size: int,
-    num_shards: int = 4,
-    num_procs: int | None = None,
-) -> list[str]:
-    """Renders the mammography phantom into shards once per data directory, in
-    `data_dir/phantom_{size}_{seed}_{num_images}/` (see ensure_rendered_dataset)."""
-    # Lazy: the phantom module is only needed when rendering.
-    from input_pipeline.phantom import render_phantom  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass(frozen=True)
+class Phantom:
+    """A procedural dataset, rendered into shards once per data directory.
 
-    return ensure_rendered_dataset(
-        phantom_shards_dir(data_dir, num_images=num_images, seed=seed, size=size),
-        render_phantom,
-        num_images=num_images,
-        seed=seed,
-        size=size,
-        prefix="phantom",
-        num_shards=num_shards,
-        num_procs=num_procs,
+    Its cache is `data_dir/{name}_{size}_{seed}_{num_images}/` holding
+    `{shard_prefix}-*.array_record` shards: existing data directories hold these
+    names, so changing either re-renders every cache. `ensure` and `shards_dir`
+    take (data_dir, *, num_images, seed, size), from the data config's `dir`,
+    `phantom_num_images`, `phantom_seed` and `phantom_size`.
+    """
+
+    name: str  # the data.source name, and the cache folder's prefix
+    render: str  # "module:function", (index, seed, size) -> (image, meta)
+    what: str  # for messages
+    shard_prefix: str = ""  # "" = name
+    min_size: int = 1  # the smallest image side `render` draws
+    parallel_from: int = 64  # images from which rendering uses a process pool by default
+
+    def shards_dir(self, data_dir: str, *, num_images: int, seed: int, size: int) -> str:
+        """The folder `ensure` writes to."""
+        return os.path.join(os.fspath(data_dir), f"{self.name}_{size}_{seed}_{num_images}")
+
+    def ensure(
+        self,
+        data_dir: str,
+        *,
+        num_images: int,
+        seed: int,
+        size: int,
+        num_shards: int = 4,
+        num_procs: int | None = None,
+    ) -> list[str]:
+        """Renders the phantom into `shards_dir(...)` once and returns the shard
+        paths (generation, reuse and concurrency: ensure_rendered_dataset)."""
+        module, function = self.render.split(":")
+        # Looked up at every call, not cached: tests stand in for a renderer.
+        render_fn = getattr(importlib.import_module(module), function)
+        return ensure_rendered_dataset(
+            self.shards_dir(data_dir, num_images=num_images, seed=seed, size=size),
+            render_fn,
+            num_images=num_images,
+            seed=seed,
+            size=size,
+            prefix=self.shard_prefix or self.name,
+            num_shards=num_shards,
+            num_procs=num_procs,
+            parallel_from=self.parallel_from,
+            min_size=self.min_size,
+        )
+
+
+# The procedural datasets `data.source` can name (docs/data_sources.md).
+PHANTOMS: dict[str, Phantom] = {
+    p.name: p
+    for p in (
+        Phantom("phantom", "input_pipeline.phantom:render_phantom", "mammography phantom"),
+        Phantom(
+            "cxr_phantom",
+            "input_pipeline.cxr_phantom:render_cxr",
+            "chest X-ray phantom",
+            shard_prefix="cxr",
+            min_size=32,
+            parallel_from=256,
+        ),
     )
+}
 
-
-def phantom_shards_dir(data_dir: str, *, num_images: int, seed: int, size: int) -> str:
-    return os.path.join(os.fspath(data_dir), f"phantom_{size}_{seed}_{num_images}")
+# The mammography phantom's cache by the names tools and tests call it.
+ensure_phantom_dataset = PHANTOMS["phantom"].ensure
+phantom_shards_dir = PHANTOMS["phantom"].shards_dir
 
 
 # Two real computed-radiography images shipped by the pydicom-data package

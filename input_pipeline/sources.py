@@ -33,9 +33,8 @@ image-report configs, "shards" in pretraining); it is refused with a message
 that says which of the two `data.dir` looks like.
 
 Adding a phantom: a module with its `render(index, seed, size) -> (image,
-meta)`, an `ensure_*_dataset(data_dir, *, num_images, seed, size)` that renders
-it once through rendered.ensure_rendered_dataset and the folder function it
-writes to; then one line in PHANTOMS.
+meta)`, then one declaration line in PHANTOMS (rendered.py), which gives it its
+cached rendering and its folder.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from input_pipeline import cxr_phantom, records, rendered, tfds_source
+from input_pipeline import records, rendered, tfds_source
 from input_pipeline.record_source import (
     DataNotFoundError,
     DataSourceError,
@@ -59,9 +58,12 @@ from input_pipeline.record_source import (
     RecordSource,
 )
 
-# The phantom caches lived here before rendered.py; tools and tests still name them here.
+# The phantoms are declared in rendered.py, which their render workers import;
+# the resolver, tools and tests name them (and their caches) here.
 from input_pipeline.rendered import (  # noqa: F401  (re-exported)
+    PHANTOMS,
     PYDICOM_CR_FILES,
+    Phantom,
     ensure_phantom_dataset,
     ensure_pydicom_cr_dataset,
     ensure_rendered_dataset,
@@ -96,29 +98,6 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 # --------------------------------------------------------------- phantoms
-
-
-@dataclasses.dataclass(frozen=True)
-class Phantom:
-    """A procedural dataset rendered into shards once per data directory.
-
-    Both functions take (data_dir, *, num_images, seed, size) from the config's
-    `dir`, `phantom_num_images`, `phantom_seed` and `phantom_size`.
-    """
-
-    ensure: Callable[..., list[str]]  # renders (once) and returns the shard paths
-    shards_dir: Callable[..., str]  # the folder `ensure` writes to
-    what: str  # for messages
-
-
-PHANTOMS: dict[str, Phantom] = {
-    "phantom": Phantom(
-        rendered.ensure_phantom_dataset, rendered.phantom_shards_dir, "mammography phantom"
-    ),
-    "cxr_phantom": Phantom(
-        cxr_phantom.ensure_cxr_phantom_dataset, cxr_phantom.cxr_phantom_dir, "chest X-ray phantom"
-    ),
-}
 
 
 def _phantom_args(cfg: Any) -> dict[str, int]:

@@ -271,58 +271,49 @@ def _interval(low, high):
                       and low < v[0] <= v[1] <= high)
 
 
+# Rules shared by many fields, each with the fields it governs.
+_COUNT = (_int_ge(1), "an integer >= 1")
+_FRACTION = (_in(0, 1), "in [0, 1)")
+_POSITIVE = (_gt(0), "> 0")
+_MESH_AXIS = (lambda v: v == -1 or _int_ge(1)(v), "-1 (all remaining devices) or >= 1")
+_SHARED_RULES = {
+    _COUNT: ("global_batch_size", "grad_accum_steps", "total_steps", "max_consecutive_nonfinite",
+             "log_every", "checkpoint_every", "keep_checkpoints", "figure_every",
+             "eval_batch_size", "model.image_size", "data.num_threads",
+             "data.prefetch_buffer_size", "data.phantom_num_images", "data.roi_min_px"),
+    _FRACTION: ("optimizer.b1", "optimizer.b2", "model.drop_path_rate",
+                "objectives.masked_reconstruction.mask_ratio", "objectives.mcr.image_mask_ratio",
+                "objectives.mcr.text_mask_ratio", "objectives.classification.label_smoothing"),
+    _POSITIVE: ("total_epochs", "optimizer.eps", "optimizer.head_lr_mult",
+                "model.layer_norm_eps", "data.norm_std"),
+    _MESH_AXIS: ("mesh.data", "mesh.fsdp", "mesh.tensor"),
+}
+
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    *((field, ok, allowed) for (ok, allowed), fields in _SHARED_RULES.items()
+      for field in fields),
     ("seed", lambda v: _int_ge(0)(v) and v < 2**32, "an integer in [0, 2**32)"),
-    ("global_batch_size", _int_ge(1), "an integer >= 1"),
-    ("grad_accum_steps", _int_ge(1), "an integer >= 1"),
-    ("total_steps", _int_ge(1), "an integer >= 1"),
-    ("total_epochs", _gt(0), "> 0"),
     ("warmup_steps", _int_ge(0), "an integer >= 0"),
     ("warmup_epochs", _ge(0), ">= 0"),
     ("optimizer.base_lr", _gt(0), "> 0 (peak lr = base_lr x global_batch_size / 256)"),
     ("optimizer.min_lr", _ge(0), ">= 0"),
-    ("optimizer.b1", _in(0, 1), "in [0, 1)"),
-    ("optimizer.b2", _in(0, 1), "in [0, 1)"),
-    ("optimizer.eps", _gt(0), "> 0"),
     ("optimizer.weight_decay", _ge(0), ">= 0"),
     ("optimizer.grad_clip_norm", _gt(0), "> 0, or None for no clipping"),
     ("optimizer.layer_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
-    ("optimizer.head_lr_mult", _gt(0), "> 0"),
     ("ema_decay", _in(0, 1), "in [0, 1) (0 = no EMA)"),
-    ("max_consecutive_nonfinite", _int_ge(1), "an integer >= 1"),
-    ("log_every", _int_ge(1), "an integer >= 1"),
-    ("checkpoint_every", _int_ge(1), "an integer >= 1"),
-    ("keep_checkpoints", _int_ge(1), "an integer >= 1"),
-    ("figure_every", _int_ge(1), "an integer >= 1"),
     ("eval_every", _int_ge(0), "an integer >= 0 (0 = at the last step only)"),
-    ("eval_batch_size", _int_ge(1), "an integer >= 1"),
     ("peak_tflops_per_device", _gt(0), "> 0, or None to measure it"),
-    ("mesh.data", lambda v: v == -1 or _int_ge(1)(v), "-1 (all remaining devices) or >= 1"),
-    ("mesh.fsdp", lambda v: v == -1 or _int_ge(1)(v), "-1 (all remaining devices) or >= 1"),
-    ("mesh.tensor", lambda v: v == -1 or _int_ge(1)(v), "-1 (all remaining devices) or >= 1"),
-    ("model.image_size", _int_ge(1), "an integer >= 1"),
     ("model.channels", _one_of(1, 3), "1 or 3"),
     ("model.dtype", _one_of("float32", "bfloat16", "float16"),
      "'float32', 'bfloat16' or 'float16'"),
     ("model.attention", _one_of("xla", "fused"), "'xla' or 'fused'"),
     ("model.posemb", _one_of("sincos2d", "learn"), "'sincos2d' or 'learn'"),
-    ("model.layer_norm_eps", _gt(0), "> 0"),
-    ("model.drop_path_rate", _in(0, 1), "in [0, 1)"),
-    ("objectives.masked_reconstruction.mask_ratio", _in(0, 1), "in [0, 1)"),
-    ("objectives.mcr.image_mask_ratio", _in(0, 1), "in [0, 1)"),
-    ("objectives.mcr.text_mask_ratio", _in(0, 1), "in [0, 1)"),
-    ("objectives.classification.label_smoothing", _in(0, 1), "in [0, 1)"),
     ("data.num_workers", _int_ge(0), "an integer >= 0 (0 = load in this process)"),
-    ("data.num_threads", _int_ge(1), "an integer >= 1"),
-    ("data.prefetch_buffer_size", _int_ge(1), "an integer >= 1"),
-    ("data.norm_std", _gt(0), "> 0"),
     ("data.channels", _one_of(1, 3), "1 or 3"),
     ("data.crop_scale", _interval(0, 1), "two fractions (lo, hi) with 0 < lo <= hi <= 1"),
     ("data.crop_ratio", _interval(0, math.inf), "two aspect ratios (lo, hi), 0 < lo <= hi"),
-    ("data.phantom_num_images", _int_ge(1), "an integer >= 1"),
     ("data.phantom_size", _int_ge(8), "an integer >= 8"),
     ("data.roi_context", _ge(0), ">= 0 (0 = whole images)"),
-    ("data.roi_min_px", _int_ge(1), "an integer >= 1"),
     ("data.rotate_degrees", _in(0, 180, closed_high=True), "in [0, 180]"),
 ]
 

@@ -20,3 +20,9 @@ def _eight_devices():
     assert jax.device_count() == NUM_DEVICES, (
         f"tests need {NUM_DEVICES} simulated devices, got {jax.device_count()}; JAX was "
         "initialised before tests/conftest.py set XLA_FLAGS")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data directory per test module: phantoms are rendered there once."""
+    return tmp_path_factory.mktemp("data")

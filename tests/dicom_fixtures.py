@@ -170,8 +170,11 @@ def image_dataset(
     pixel_spacing: tuple[float, float] | None = None,
 ) -> Dataset:
     """A minimal valid monochrome image dataset (uncompressed, MONOCHROME2).
-    `pixels`: uint16 (H, W) or (frames, H, W)."""
-    pixels = np.asarray(pixels, np.uint16)
+    `pixels`: (H, W) or (frames, H, W), stored 8-bit if uint8 (e.g. a mask), else
+    as uint16."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        pixels = pixels.astype(np.uint16)
     file_meta = FileMetaDataset()
     file_meta.MediaStorageSOPClassUID = sop_class
     file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -189,9 +192,8 @@ def image_dataset(
         ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 0
     if pixel_spacing is not None:
         ds.PixelSpacing = [float(v) for v in pixel_spacing]

@@ -1,18 +1,35 @@
 """Tiny mimjax workdirs, parameters and images shared by the inference, export and
-import tests."""
+import tests, and the PyTorch-parity bookkeeping of the export tests."""
 
+import json
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from mimjax import checkpoint, run_config, train
+from mimjax.export import convert
 from mimjax.models import build_model
 from mimjax.models import param_tree as tree
 
 IMAGE_SIZE = 16
+TOL = 1e-4  # PyTorch parity: max abs difference in float32
+
+# Encoder fields every tiny test model shares: float32, XLA attention, no scan / remat.
+ENCODER_FIELDS = {
+    "channels": 1,
+    "posemb": "sincos2d",
+    "class_token": True,
+    "dtype": "float32",
+    "layer_norm_eps": 1e-6,
+    "gelu_approximate": True,
+    "scan": False,
+    "remat": False,
+    "attention": "xla",
+}
 
 
 def tiny_config(name="mae", *, scales=(16, 32), head="cls", **model) -> ml_collections.ConfigDict:
@@ -25,15 +42,7 @@ def tiny_config(name="mae", *, scales=(16, 32), head="cls", **model) -> ml_colle
         "num_heads": 4,
         "mlp_dim": 64,
         "image_size": scales[0],
-        "channels": 1,
-        "posemb": "sincos2d",
-        "class_token": True,
-        "dtype": "float32",
-        "layer_norm_eps": 1e-6,
-        "gelu_approximate": True,
-        "scan": False,
-        "remat": False,
-        "attention": "xla",
+        **ENCODER_FIELDS,
     }
     if name == "mae":
         m.update(
@@ -116,6 +125,14 @@ def write_workdir(path, config, steps=(5,), seed=0, *, train_state=False) -> dic
     return saved
 
 
+def exported_workdir(root, config, fmt: str, **export_kwargs):
+    """A workdir ROOT/run with a checkpoint at step 5, exported to ROOT/FMT; returns
+    (the saved params, the export record)."""
+    params = write_workdir(root / "run", config)[5]
+    record = convert.export_checkpoint(str(root / "run"), str(root / fmt), fmt, **export_kwargs)
+    return params, record
+
+
 def bind(config, params):
     """The model with `params` (abstract build, no eager init)."""
     abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
@@ -133,3 +150,31 @@ def reference_tokens(config, params, images):
 def images(batch, channels=1, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, IMAGE_SIZE, IMAGE_SIZE, channels)).astype(np.float32)
+
+
+def nchw(x):
+    """Channels-last numpy images as the NCHW torch tensor PyTorch models take."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+class Parity:
+    """The max abs difference each PyTorch-parity case measured: `record` asserts it is
+    <= TOL; the module fixture `report_fixture()` prints them all after the module."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.measured = {}
+
+    def record(self, case: str, diff) -> None:
+        self.measured[case] = max(self.measured.get(case, 0.0), float(diff))
+        assert diff <= TOL, f"{case}: max abs difference {diff:.2e} > {TOL}"
+
+    def report_fixture(self):
+        @pytest.fixture(scope="module", autouse=True)
+        def _report():
+            yield
+            print(f"\n{self.title}, max abs difference:", json.dumps(self.measured, indent=1))
+
+        return _report

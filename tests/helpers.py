@@ -109,3 +109,19 @@ def metric_records(workdir) -> list[dict]:
     """Every record of WORKDIR/metrics.jsonl, in order."""
     lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+# --------------------------------------------------------------------------- pipelines
+def take(it, n: int) -> list[dict[str, np.ndarray]]:
+    """The next `n` batches of a pipeline iterator, copied (np.array) out of grain's
+    shared-memory arrays before they are freed."""
+    return [{k: np.array(v) for k, v in next(it).items()} for _ in range(n)]
+
+
+def assert_batches_equal(a, b) -> None:
+    """Two lists of batches hold the same keys and bitwise-equal arrays."""
+    assert len(a) == len(b), (len(a), len(b))
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys(), (sorted(x), sorted(y))
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)

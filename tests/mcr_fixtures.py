@@ -7,6 +7,8 @@ import numpy as np
 
 from mimjax.models import text
 
+from export_fixtures import ENCODER_FIELDS
+
 VOCAB = 40
 LENGTH = 12
 WORDS = tuple(f"w{i}" for i in range(VOCAB - text.NUM_SPECIAL_TOKENS))
@@ -22,15 +24,7 @@ def tiny_mcr_config(**overrides) -> ml_collections.ConfigDict:
         "num_heads": 2,
         "mlp_dim": 64,
         "image_size": 32,
-        "channels": 1,
-        "posemb": "sincos2d",
-        "class_token": True,
-        "dtype": "float32",
-        "layer_norm_eps": 1e-6,
-        "gelu_approximate": True,
-        "scan": False,
-        "remat": False,
-        "attention": "xla",
+        **ENCODER_FIELDS,
         "decoder": {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": None, "posemb": "sincos2d"},
         "text": {
             "vocab_size": VOCAB,

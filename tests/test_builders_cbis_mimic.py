@@ -16,12 +16,13 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from input_pipeline.builders import LayoutError, cbis_ddsm, mimic_cxr
 from input_pipeline.builders import build_rows as build_by_name
 from input_pipeline.builders._layout import carve_val, read_csv, require
+
+import dicom_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UID = "1.3.6.1.4.1.9590.100.1.2."
@@ -43,29 +44,13 @@ CROP_SHAPE = (20, 16)
 
 
 def write_dicom(path: str, pixels: np.ndarray, patient: str) -> None:
-    """A minimal but valid Part-10 MG DICOM file, MONOCHROME2."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
+    """A minimal but valid Part-10 MG DICOM file, MONOCHROME2, 8-bit for uint8 pixels."""
+    ds = dicom_fixtures.image_dataset(
+        pixels, modality="MG", patient_id=patient, sop_class=dicom_fixtures.SECONDARY_CAPTURE
     )
-    ds.PatientID = ds.PatientName = patient
-    ds.Modality = "MG"
+    ds.PatientName = patient
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.tobytes()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    dicom_fixtures.save(ds, path)
 
 
 def _texture(shape, seed):

@@ -217,21 +217,19 @@ def test_brats_split_is_stable_and_roughly_80_10_10():
     assert abs(fractions["val"] - 0.1) < 0.02 and abs(fractions["test"] - 0.1) < 0.02
 
 
-def test_brats_missing_modality_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "case, missing",
+    [
+        ("BraTS2021_00002", "t1ce"),  # a modality
+        ("BraTS2021_00000", "seg"),  # a segmentation beside labelled cases
+    ],
+)
+def test_brats_missing_file_is_named(tmp_path, case, missing):
     root = str(tmp_path / "brats")
-    for case in ("BraTS2021_00000", "BraTS2021_00002"):
-        _brats_case(root, case)
-    os.remove(os.path.join(root, "BraTS2021_00002", "BraTS2021_00002_t1ce.nii.gz"))
-    with pytest.raises(LayoutError, match="BraTS2021_00002_t1ce.nii.gz"):
-        brats.build_rows(root)
-
-
-def test_brats_missing_seg_beside_labelled_cases_is_named(tmp_path):
-    root = str(tmp_path / "brats")
-    for case in ("BraTS2021_00000", "BraTS2021_00002"):
-        _brats_case(root, case)
-    os.remove(os.path.join(root, "BraTS2021_00000", "BraTS2021_00000_seg.nii.gz"))
-    with pytest.raises(LayoutError, match="BraTS2021_00000_seg.nii.gz"):
+    for name in ("BraTS2021_00000", "BraTS2021_00002"):
+        _brats_case(root, name)
+    os.remove(os.path.join(root, case, f"{case}_{missing}.nii.gz"))
+    with pytest.raises(LayoutError, match=f"{case}_{missing}.nii.gz"):
         brats.build_rows(root)
 
 

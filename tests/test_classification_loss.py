@@ -25,24 +25,34 @@ def _data(seed, n=16, c=4):
     return r.normal(size=(n, c)).astype(np.float32) * 3, r.integers(0, c, n), r
 
 
+def _torch_weight(weights):
+    return None if weights is None else torch.tensor(weights)
+
+
+def _loss(logits, batch, label_key, weights, smoothing, **kwargs):
+    """classification.loss_fn on preset logits, the class weights a list as configs give them."""
+    return classification.loss_fn(
+        _FixedLogits(logits),
+        batch,
+        None,
+        label_key=label_key,
+        class_weights=None if weights is None else list(weights),
+        label_smoothing=smoothing,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_softmax_ce_matches_torch(seed, smoothing, weighted):
     logits, labels, r = _data(seed)
     weights = r.uniform(0.2, 3.0, 4).astype(np.float32) if weighted else None
-    expected = torch.nn.CrossEntropyLoss(
-        weight=None if weights is None else torch.tensor(weights), label_smoothing=smoothing
-    )(torch.tensor(logits), torch.tensor(labels))
-    batch = {"image_32": np.zeros((16, 32, 32, 1), np.float32), "label_pathology": labels}
-    loss, metrics = classification.loss_fn(
-        _FixedLogits(logits),
-        batch,
-        None,
-        label_key="label_pathology",
-        class_weights=None if weights is None else list(weights),
-        label_smoothing=smoothing,
+    expected = torch.nn.CrossEntropyLoss(weight=_torch_weight(weights), label_smoothing=smoothing)(
+        torch.tensor(logits), torch.tensor(labels)
     )
+    batch = {"image_32": np.zeros((16, 32, 32, 1), np.float32), "label_pathology": labels}
+    loss, metrics = _loss(logits, batch, "label_pathology", weights, smoothing)
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
     assert float(metrics["accuracy"]) == pytest.approx(np.mean(logits.argmax(1) == labels))
 
@@ -55,19 +65,11 @@ def test_sigmoid_bce_matches_torch(smoothing, weighted):
     labels = (r.uniform(size=(16, 5)) < 0.3).astype(np.float32)
     weights = r.uniform(0.5, 2.0, 5).astype(np.float32) if weighted else None
     targets = labels * (1 - smoothing) + 0.5 * smoothing
-    expected = torch.nn.BCEWithLogitsLoss(
-        weight=None if weights is None else torch.tensor(weights)
-    )(torch.tensor(logits), torch.tensor(targets))
-    batch = {"image": np.zeros((16, 8, 8, 1), np.float32), "label_margins": labels}
-    loss, metrics = classification.loss_fn(
-        _FixedLogits(logits),
-        batch,
-        None,
-        label_key="label_margins",
-        multilabel=True,
-        class_weights=None if weights is None else list(weights),
-        label_smoothing=smoothing,
+    expected = torch.nn.BCEWithLogitsLoss(weight=_torch_weight(weights))(
+        torch.tensor(logits), torch.tensor(targets)
     )
+    batch = {"image": np.zeros((16, 8, 8, 1), np.float32), "label_margins": labels}
+    loss, metrics = _loss(logits, batch, "label_margins", weights, smoothing, multilabel=True)
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
     exact = np.all((logits > 0) == (labels > 0.5), axis=1).mean()
     assert float(metrics["accuracy"]) == pytest.approx(exact)

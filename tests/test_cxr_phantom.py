@@ -193,21 +193,20 @@ _BOTH = re.compile(r"\b(both|bilateral|bilaterally)\b")
 _NEGATIVE = re.compile(r"\bno\b|\bnot\b|normal|sharp|fully expanded|are clear|is clear")
 
 
+# A sentence's topic: the first of these patterns it matches, in this order.
+_TOPICS = (
+    ("clear", r"lungs are (well expanded and )?clear|lungs are clear"),
+    ("normal", r"no acute cardiopulmonary|normal chest radiograph"),
+    ("effusion", r"effusion|costophrenic|pleural fluid|pleural space"),
+    ("pneumothorax", r"pneumothorax|visceral pleural line|fully expanded"),
+    ("heart", r"heart|cardiac|cardiomegaly"),
+    ("lesion", r"nodul|\bmass\b|opacity"),
+)
+
+
 def _topic(sentence: str) -> str | None:
     s = sentence.lower()
-    if re.search(r"lungs are (well expanded and )?clear|lungs are clear", s):
-        return "clear"
-    if re.search(r"no acute cardiopulmonary|normal chest radiograph", s):
-        return "normal"
-    if re.search(r"effusion|costophrenic|pleural fluid|pleural space", s):
-        return "effusion"
-    if re.search(r"pneumothorax|visceral pleural line|fully expanded", s):
-        return "pneumothorax"
-    if re.search(r"heart|cardiac|cardiomegaly", s):
-        return "heart"
-    if re.search(r"nodul|\bmass\b|opacity", s):
-        return "lesion"
-    return None
+    return next((topic for topic, pattern in _TOPICS if re.search(pattern, s)), None)
 
 
 def _check_sentence(sentence: str, f: cp.Findings) -> str | None:

@@ -45,11 +45,6 @@ def _start_and_interrupt(workdir, data_dir, sig, after_step):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     _run(workdir, data_dir, *LONG)

@@ -16,28 +16,32 @@ from flax import nnx
 
 from mimjax import inference
 from mimjax.export import convert
-from mimjax.models import mae, vit
+from mimjax.models import vit
 from mimjax.objectives import masked_reconstruction
 
-from export_fixtures import bind, images, tiny_config, write_workdir
+from export_fixtures import (
+    Parity,
+    bind,
+    exported_workdir,
+    images,
+    nchw,
+    tiny_config,
+    write_workdir,
+)
 
-TOL = 1e-4
-MEASURED = {}  # case -> max abs difference, printed at the end of the module
+PARITY = Parity("HF parity")
+_report = PARITY.report_fixture()
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
-def _record(case, diff):
-    MEASURED[case] = float(diff)
-    assert diff <= TOL, f"{case}: max abs difference {diff:.2e} > {TOL}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    print("\nHF parity, max abs difference:", json.dumps(MEASURED, indent=1))
+def _compare_encoder(case, hf_dir, workdir, x):
+    """ViTModel.from_pretrained(hf_dir) against the workdir's encoder on images `x`:
+    records the tokens' max abs difference; returns (HF tokens, mimjax tokens)."""
+    model = transformers.ViTModel.from_pretrained(str(hf_dir), add_pooling_layer=False)
+    with torch.no_grad():
+        hf_tokens = model(nchw(x)).last_hidden_state.numpy()
+    ours = inference.Encoder.from_workdir(str(workdir))(x).tokens
+    PARITY.record(case, np.abs(hf_tokens - ours).max())
+    return hf_tokens, ours
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,7 @@ def miram(tmp_path_factory):
     """A MIRAM workdir (16 -> 32 px, 1 channel) and its HF export."""
     root = tmp_path_factory.mktemp("miram")
     config = tiny_config(scales=(16, 32))
-    params = write_workdir(root / "run", config)[5]
-    record = convert.export_checkpoint(str(root / "run"), str(root / "hf"), "hf")
+    params, record = exported_workdir(root, config, "hf")
     return config, params, root, record
 
 
@@ -66,21 +69,16 @@ def miram(tmp_path_factory):
 )
 def test_vit_model_features_match(tmp_path, settings):
     config = tiny_config(scales=(16,), **settings)
-    write_workdir(tmp_path / "run", config)
-    convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), "hf")
+    exported_workdir(tmp_path, config, "hf")
     hf_config = json.loads(Path(tmp_path / "hf" / "config.json").read_text())
     assert hf_config["hidden_act"] == (
         "gelu_pytorch_tanh" if config.model.gelu_approximate else "gelu"
     )
     assert hf_config["layer_norm_eps"] == config.model.layer_norm_eps
     assert hf_config["num_channels"] == settings["channels"]
-    model = transformers.ViTModel.from_pretrained(str(tmp_path / "hf"), add_pooling_layer=False)
     x = images(3, settings["channels"])
-    with torch.no_grad():
-        hf_tokens = model(_nchw(x)).last_hidden_state.numpy()
-    ours = inference.Encoder.from_workdir(str(tmp_path / "run"))(x).tokens
+    hf_tokens, ours = _compare_encoder(f"ViTModel {settings}", tmp_path / "hf", tmp_path / "run", x)
     assert hf_tokens.shape == ours.shape == (3, 17, 32)
-    _record(f"ViTModel {settings}", np.abs(hf_tokens - ours).max())
 
 
 def test_mae_logits_mask_and_loss_match(miram):
@@ -92,7 +90,7 @@ def test_mae_logits_mask_and_loss_match(miram):
     x = images(4, 1, seed=3)
     noise = np.random.default_rng(7).uniform(size=(4, 16)).astype(np.float32)
     with torch.no_grad():
-        out = model(_nchw(x), noise=torch.from_numpy(noise))
+        out = model(nchw(x), noise=torch.from_numpy(noise))
 
     ours = bind(config, params)
 
@@ -104,8 +102,8 @@ def test_mae_logits_mask_and_loss_match(miram):
     target = masked_reconstruction.patch_targets(x, 4, norm_pix_loss=True)
     loss = masked_reconstruction.masked_mse(pred, target, mask)
     np.testing.assert_array_equal(out.mask.numpy(), np.asarray(mask))
-    _record("ViTMAE logits (MIRAM base scale)", np.abs(out.logits.numpy() - pred).max())
-    _record("ViTMAE loss", abs(float(out.loss) - float(loss)))
+    PARITY.record("ViTMAE logits (MIRAM base scale)", np.abs(out.logits.numpy() - pred).max())
+    PARITY.record("ViTMAE loss", abs(float(out.loss) - float(loss)))
 
 
 def test_mae_position_tables_survive_loading_and_equal_hf_sincos(miram):
@@ -133,26 +131,22 @@ def test_mae_position_tables_survive_loading_and_equal_hf_sincos(miram):
 
 def test_mae_export_loads_as_an_encoder(miram):
     _, _, root, _ = miram
-    model = transformers.ViTModel.from_pretrained(str(root / "hf"), add_pooling_layer=False)
-    x = images(2, 1, seed=5)
-    with torch.no_grad():
-        hf_tokens = model(_nchw(x)).last_hidden_state.numpy()
-    ours = inference.Encoder.from_workdir(str(root / "run"))(x)
-    _record("ViTModel from the MAE export", np.abs(hf_tokens - ours.tokens).max())
+    _compare_encoder(
+        "ViTModel from the MAE export", root / "hf", root / "run", images(2, 1, seed=5)
+    )
 
 
 def test_classifier_logits_match(tmp_path):
     config = tiny_config("vit_classifier", head="cls", channels=3)
-    write_workdir(tmp_path / "run", config)
-    convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), "hf")
+    exported_workdir(tmp_path, config, "hf")
     model = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf"))
     assert model.config.id2label == {0: "benign", 1: "malignant", 2: "normal"}
     assert model.config.problem_type == "single_label_classification"
     x = images(3, 3, seed=2)
     with torch.no_grad():
-        logits = model(_nchw(x)).logits.numpy()
+        logits = model(nchw(x)).logits.numpy()
     ours = inference.Encoder.from_workdir(str(tmp_path / "run"))(x).logits
-    _record("ViTForImageClassification logits", np.abs(logits - ours).max())
+    PARITY.record("ViTForImageClassification logits", np.abs(logits - ours).max())
 
 
 def test_what_hf_cannot_express_is_refused_with_the_fix(tmp_path):
@@ -164,12 +158,8 @@ def test_what_hf_cannot_express_is_refused_with_the_fix(tmp_path):
         convert.export_checkpoint(str(tmp_path / "gap"), str(tmp_path / "b"), "hf")
     # the fix the message names works: the encoder alone
     convert.export_checkpoint(str(tmp_path / "gap"), str(tmp_path / "b"), "hf", encoder_only=True)
-    model = transformers.ViTModel.from_pretrained(str(tmp_path / "b"), add_pooling_layer=False)
-    x = images(2)
-    with torch.no_grad():
-        hf_tokens = model(_nchw(x)).last_hidden_state.numpy()
-    ours = inference.Encoder.from_workdir(str(tmp_path / "gap"))(x).tokens
-    _record("ViTModel --encoder-only of a gap classifier", np.abs(hf_tokens - ours).max())
+    case = "ViTModel --encoder-only of a gap classifier"
+    _compare_encoder(case, tmp_path / "b", tmp_path / "gap", images(2))
 
 
 def test_export_holds_no_data_settings_or_paths(miram):
@@ -236,28 +226,3 @@ def test_cli_config_overrides(miram, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: config.model has no field 'layer_norm_epsilon'; did you mean")
     assert "config.model.layer_norm_eps" in err and err.count("\n") == 1
-
-
-def test_mask_convention_matches_hf_random_masking():
-    noise = np.random.default_rng(0).uniform(size=(3, 16)).astype(np.float32)
-    ours = mae.random_masking(noise, 0.75)
-    hf = transformers.ViTMAEForPreTraining(
-        transformers.ViTMAEConfig(
-            hidden_size=8,
-            num_attention_heads=2,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            image_size=16,
-            patch_size=4,
-            num_channels=1,
-            decoder_hidden_size=8,
-            decoder_num_attention_heads=2,
-            decoder_num_hidden_layers=1,
-            decoder_intermediate_size=8,
-        )
-    )
-    _, mask, restore = hf.vit.embeddings.random_masking(
-        torch.zeros(3, 16, 8), torch.from_numpy(noise)
-    )
-    np.testing.assert_array_equal(mask.numpy(), np.asarray(ours.mask))
-    np.testing.assert_array_equal(restore.numpy(), np.asarray(ours.restore_ids))

@@ -19,14 +19,13 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from mimjax import inference
-from mimjax.export import convert
 from mimjax.export import timm as timm_export
 from mimjax.models import vit
 
-from export_fixtures import images, tiny_config, write_workdir
+from export_fixtures import Parity, exported_workdir, images, nchw, tiny_config
 
-TOL = 1e-4
-MEASURED = {}
+PARITY = Parity("timm parity")
+_report = PARITY.report_fixture()
 
 CASES = {
     "mae-cls-1ch": {"name": "mae"},
@@ -44,17 +43,6 @@ CASES = {
 }
 
 
-def _record(case, diff):
-    MEASURED[case] = max(MEASURED.get(case, 0.0), float(diff))
-    assert diff <= TOL, f"{case}: max abs difference {diff:.2e} > {TOL}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    print("\ntimm parity, max abs difference:", json.dumps(MEASURED, indent=1))
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tmp_path_factory):
     settings = dict(CASES[request.param])
@@ -62,17 +50,12 @@ def exported(request, tmp_path_factory):
     scales = (16, 32) if name == "mae" else (16,)
     config = tiny_config(name, scales=scales, **settings)
     root = tmp_path_factory.mktemp(request.param)
-    write_workdir(root / "run", config)
-    convert.export_checkpoint(str(root / "run"), str(root / "timm"), "timm")
+    exported_workdir(root, config, "timm")
     notes = json.loads(Path(root / "timm" / "timm_args.json").read_text())
     state = safetensors_torch.load_file(str(root / "timm" / "model.safetensors"))
     encoder = inference.Encoder.from_workdir(str(root / "run"))
     x = images(3, config.model.channels, seed=4)
     return request.param, config, root / "timm", notes, state, encoder(x), x
-
-
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
 # --------------------------------------------------------------------------- npz as timm reads it
@@ -187,11 +170,11 @@ def timm_forward(t: dict, args: dict, eps: float, x):
 
 def _compare(case, outputs, ours, where):
     tokens, pooled, logits = (None if o is None else o.detach().numpy() for o in outputs)
-    _record(f"{case} tokens ({where})", np.abs(tokens - ours.tokens).max())
-    _record(f"{case} pooled ({where})", np.abs(pooled - ours.pooled).max())
+    PARITY.record(f"{case} tokens ({where})", np.abs(tokens - ours.tokens).max())
+    PARITY.record(f"{case} pooled ({where})", np.abs(pooled - ours.pooled).max())
     assert (logits is None) == (ours.logits is None)
     if logits is not None:
-        _record(f"{case} logits ({where})", np.abs(logits - ours.logits).max())
+        PARITY.record(f"{case} logits ({where})", np.abs(logits - ours.logits).max())
 
 
 # --------------------------------------------------------------------------- tests
@@ -244,7 +227,7 @@ def test_npz_loads_to_the_state_dict_tensors(exported):
 
 def test_state_dict_forward_matches_mimjax(exported):
     case, _, _, notes, state, ours, x = exported
-    outputs = timm_forward(state, notes["timm_args"], notes["layer_norm_eps"], _nchw(x))
+    outputs = timm_forward(state, notes["timm_args"], notes["layer_norm_eps"], nchw(x))
     _compare(case, outputs, ours, "state dict, timm's forward written out")
 
 
@@ -261,7 +244,7 @@ def test_timm_itself_loads_both_files_with_the_same_numerics(exported):
     def run(model):
         model.eval()
         with torch.no_grad():
-            tokens = model.forward_features(_nchw(x))
+            tokens = model.forward_features(nchw(x))
             pooled = model.forward_head(tokens, pre_logits=True)
             logits = model.forward_head(tokens) if args["num_classes"] else None
         return tokens, pooled, logits

@@ -19,11 +19,6 @@ def _run(config, workdir, data_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def pretrain_workdir(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("pretrain")
     _run("configs/demo.py:tiny", workdir, data_dir)

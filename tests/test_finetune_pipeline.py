@@ -15,6 +15,8 @@ import pytest
 
 from input_pipeline import finetune, records, transforms
 
+from helpers import assert_batches_equal, take
+
 NUM_IMAGES = 48
 SIZE = 32
 KEYS = ("pathology", "margins")
@@ -65,19 +67,6 @@ def _train(c, workers=0, **kw):
     c.num_workers = workers
     kw = {"image_size": SIZE, "global_batch_size": 8, "seed": 0, "label_keys": KEYS, **kw}
     return finetune.make_finetune_train_dataset(c, **kw)
-
-
-def _take(it, n):
-    # np.array: copy out of grain's shared-memory arrays before they are freed.
-    return [{k: np.array(v) for k, v in next(it).items()} for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # ------------------------------------------------------------------ splits
@@ -136,7 +125,7 @@ def test_prepared_split_folders(tree_cfg, tree, tmp_path):
 
 
 def test_train_batches_shapes_labels_and_epochs(cfg):
-    batches = _take(iter(_train(cfg)), 10)
+    batches = take(iter(_train(cfg)), 10)
     b = batches[0]
     assert set(b) == {"image", "index", "label_pathology", "label_margins"}
     assert b["image"].shape == (8, SIZE, SIZE, 1) and b["image"].dtype == np.float32
@@ -156,8 +145,8 @@ def test_train_batches_shapes_labels_and_epochs(cfg):
         assert sorted(epoch) == list(range(38))  # every train record once per epoch
     assert not np.array_equal(*epochs)  # reshuffled
 
-    _assert_batches_equal(batches, _take(iter(_train(cfg)), 10))
-    other = _take(iter(_train(cfg, seed=1)), 1)[0]
+    assert_batches_equal(batches, take(iter(_train(cfg)), 10))
+    other = take(iter(_train(cfg, seed=1)), 1)[0]
     assert not np.array_equal(other["index"], b["index"])
 
 
@@ -166,20 +155,20 @@ def test_resume_from_saved_state(cfg, tree_cfg):
     tree_cfg.balanced_label = "grade"
     for c, keys in ((cfg, KEYS), (tree_cfg, ("grade",))):
         it = iter(_train(c, label_keys=keys))
-        _take(it, 5)  # past the first epoch of either split
+        take(it, 5)  # past the first epoch of either split
         state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-        expected = _take(it, 3)
+        expected = take(it, 3)
         fresh = iter(_train(c, label_keys=keys))
         fresh.set_state(state)
-        _assert_batches_equal(_take(fresh, 3), expected)
+        assert_batches_equal(take(fresh, 3), expected)
         it.close()
         fresh.close()
 
 
 def test_workers_give_the_same_batches(cfg):
-    reference = _take(iter(_train(cfg, workers=0)), 3)
+    reference = take(iter(_train(cfg, workers=0)), 3)
     it = iter(_train(cfg, workers=2))
-    _assert_batches_equal(_take(it, 3), reference)
+    assert_batches_equal(take(it, 3), reference)
     it.close()
     gc.collect()
 
@@ -200,7 +189,7 @@ def test_rotation_is_applied_and_zero_is_the_pretraining_crop(cfg):
 
     c0 = cfg.copy_and_resolve_references()
     c0.rotate_degrees = 0
-    plain, rotated = _take(iter(_train(c0)), 2), _take(iter(_train(cfg)), 2)
+    plain, rotated = take(iter(_train(c0)), 2), take(iter(_train(cfg)), 2)
     for p, r in zip(plain, rotated):
         np.testing.assert_array_equal(p["index"], r["index"])  # same records, same crops
         diff = np.abs(p["image"] - r["image"]).mean(axis=(1, 2, 3))
@@ -225,7 +214,7 @@ def test_balanced_sampling_evens_out_classes(tree_cfg):
     grade = {i: train[i]["meta"]["grade"] for i in range(n)}
 
     def grade_counts(c, steps=12):  # 12 x 16 = 4 epochs of 48
-        batches = _take(iter(_train(c, global_batch_size=16, label_keys=("grade",))), steps)
+        batches = take(iter(_train(c, global_batch_size=16, label_keys=("grade",))), steps)
         for b in batches:
             assert [grade[int(i)] for i in b["index"]] == b["label_grade"].tolist()
         return np.concatenate([b["label_grade"] for b in batches])
@@ -285,7 +274,7 @@ def test_eval_batches_cover_the_split_once_with_padding(cfg):
         val[i]["meta"]["pathology"] for i in range(5)
     ]
     again = finetune.make_eval_batches(cfg, "val", image_size=SIZE, batch_size=4, label_keys=KEYS)
-    _assert_batches_equal(listed, list(again))
+    assert_batches_equal(listed, list(again))
 
     c3 = cfg.copy_and_resolve_references()
     c3.channels = 3
@@ -323,7 +312,7 @@ def test_roi_context_crops_train_and_eval_images_to_the_lesion(cfg):
         expected = resize.map({**e, "image": lesion})[f"image_{SIZE}"]
         np.testing.assert_allclose(batches[0]["image"][row], expected, atol=1e-6)
     train = finetune.split_source(c, "train")
-    batch = _take(iter(_train(c)), 1)[0]
+    batch = take(iter(_train(c)), 1)[0]
     for row, index in enumerate(batch["index"]):
         e = train[int(index)]
         lesion = transforms.roi_crop(e["image"], e["meta"], int(index), 3.0, 16)

@@ -17,7 +17,7 @@ from mimjax import inference, pretrained, run_config
 from mimjax.export import convert
 from mimjax.models import param_tree as tree
 
-from export_fixtures import images, random_params, tiny_config, write_workdir
+from export_fixtures import exported_workdir, images, nchw, random_params, tiny_config
 
 
 def _flat(params):
@@ -34,9 +34,8 @@ def _assert_identical(imported, original, prefix_filter=lambda name: True):
 
 
 def _round_trip(tmp_path, config, fmt, scan=False, **export_kwargs):
-    saved = write_workdir(tmp_path / "run", config)[5]
-    convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), fmt, **export_kwargs)
-    convert.import_checkpoint(fmt, str(tmp_path / "out"), str(tmp_path / "back"), scan=scan)
+    saved, _ = exported_workdir(tmp_path, config, fmt, **export_kwargs)
+    convert.import_checkpoint(fmt, str(tmp_path / fmt), str(tmp_path / "back"), scan=scan)
     params, _info = pretrained.load_pretrained_params(str(tmp_path / "back"))
     return saved, params, run_config.load_run_config(str(tmp_path / "back"))
 
@@ -99,8 +98,7 @@ def test_miram_round_trip_keeps_encoder_and_base_decoder_and_scan_layout(tmp_pat
 
 def test_imported_checkpoint_initialises_a_classifier_and_embeds_like_the_source(tmp_path):
     config = tiny_config(scales=(16,))
-    write_workdir(tmp_path / "run", config)
-    convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), "hf")
+    exported_workdir(tmp_path, config, "hf")
     convert.import_checkpoint("hf", str(tmp_path / "hf"), str(tmp_path / "back"))
     # --config.init: the trainer's path into a fresh classifier
     target = random_params(tiny_config("vit_classifier", head="gap"), seed=9)
@@ -140,19 +138,16 @@ def test_foreign_hf_vit_imports_with_its_numerics(tmp_path):
     assert back.model.layer_norm_eps == 1e-12 and back.model.head == "cls"
     x = images(3, 3, seed=6)
     with torch.no_grad():
-        out = model(
-            torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()), output_hidden_states=True
-        )
+        out = model(nchw(x), output_hidden_states=True)
     ours = inference.Encoder.from_workdir(str(tmp_path / "back"))(x)
     assert np.abs(out.logits.numpy() - ours.logits).max() <= 1e-4
-    hf_tokens = model.vit(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy())).last_hidden_state
+    hf_tokens = model.vit(nchw(x)).last_hidden_state
     assert np.abs(hf_tokens.detach().numpy() - ours.tokens).max() <= 1e-4
 
 
 def test_timm_state_dict_and_stacked_npz_import(tmp_path):
     config = tiny_config("vit_classifier", head="cls")
-    saved = write_workdir(tmp_path / "run", config)[5]
-    convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "timm"), "timm")
+    saved, _ = exported_workdir(tmp_path, config, "timm")
     # the state dict alone needs the head count (timm_args.json is beside it here)
     convert.import_checkpoint(
         "timm", str(tmp_path / "timm" / "model.safetensors"), str(tmp_path / "sd")
@@ -179,8 +174,7 @@ def test_cli_imports_and_reports_bad_input(tmp_path, capsys):
     from tools import import_pytorch
 
     config = tiny_config("vit_classifier", head="cls")
-    write_workdir(tmp_path / "run", config)
-    convert.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "timm"), "timm")
+    exported_workdir(tmp_path, config, "timm")
     json_args = json.loads(Path(tmp_path / "timm" / "timm_args.json").read_text())
     assert json_args["timm_args"]["num_heads"] == 4
     sd = tmp_path / "timm" / "model.safetensors"

@@ -330,40 +330,31 @@ def test_file_without_preamble_is_read(tmp_path):
     np.testing.assert_array_equal(frame.pixels, pixels)
 
 
+def _reason_for_bytes(tmp_path, name: str, data: bytes) -> str:
+    """The rejection reason of a file `name` holding `data`."""
+    (tmp_path / name).write_bytes(data)
+    return _reason(tmp_path / name)
+
+
 def test_rejections(tmp_path):
-    empty = tmp_path / "empty.dcm"
-    empty.write_bytes(b"")
-    assert "empty file" in _reason(empty)
+    assert "empty file" in _reason_for_bytes(tmp_path, "empty.dcm", b"")
 
     with open(_testfile("CT_small.dcm"), "rb") as f:
         real = f.read()
-    half = tmp_path / "half.dcm"
-    half.write_bytes(real[: len(real) // 2])
-    assert "pixel data shorter" in _reason(half)
-    head = tmp_path / "head.dcm"
-    head.write_bytes(real[: len(real) // 10])
-    assert "truncated" in _reason(head)
+    assert "pixel data shorter" in _reason_for_bytes(tmp_path, "half.dcm", real[: len(real) // 2])
+    assert "truncated" in _reason_for_bytes(tmp_path, "head.dcm", real[: len(real) // 10])
     with open(_testfile("MR2_J2KR.dcm"), "rb") as f:
         j2k = f.read()
-    cut = tmp_path / "cut_j2k.dcm"
-    cut.write_bytes(j2k[: len(j2k) // 2])
-    assert "truncated" in _reason(cut)
+    assert "truncated" in _reason_for_bytes(tmp_path, "cut_j2k.dcm", j2k[: len(j2k) // 2])
 
-    noise = tmp_path / "noise.dcm"
-    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    assert "unknown file type" in _reason(noise)
+    noise = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    assert "unknown file type" in _reason_for_bytes(tmp_path, "noise.dcm", noise)
     ramp = np.tile(np.arange(0, 256, 2, dtype=np.uint8), (64, 1))
-    cv2.imwrite(str(tmp_path / "ok.jpg"), ramp)
-    jpeg = (tmp_path / "ok.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    assert "truncated JPEG" in _reason(tmp_path / "cut.jpg")
-    cv2.imwrite(str(tmp_path / "ok.png"), ramp)
-    png = (tmp_path / "ok.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
-    assert "could not decode .png" in _reason(tmp_path / "cut.png")
-    text = tmp_path / "notes.txt"
-    text.write_text("not an image\n" * 50)
-    assert "unknown file type" in _reason(text)
+    for ext, reason in ((".jpg", "truncated JPEG"), (".png", "could not decode .png")):
+        cv2.imwrite(str(tmp_path / f"ok{ext}"), ramp)
+        encoded = (tmp_path / f"ok{ext}").read_bytes()
+        assert reason in _reason_for_bytes(tmp_path, f"cut{ext}", encoded[: len(encoded) // 2])
+    assert "unknown file type" in _reason_for_bytes(tmp_path, "notes.txt", b"not an image\n" * 50)
 
     sr = Dataset()
     sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"

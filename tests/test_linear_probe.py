@@ -214,19 +214,25 @@ def _quadrant_batches(n, seed, batch_size=32):
     ]
 
 
+def _quadrant_probe(encode, train_batches, eval_batches, label_key="pathology"):
+    """A single-label probe of the four quadrant classes on `_quadrant_batches`."""
+    return lp.LinearProbeEvaluator(
+        encode,
+        train_batches=lambda: train_batches,
+        eval_batches=lambda: eval_batches,
+        label_key=label_key,
+        multilabel=False,
+        class_names=list("abcd"),
+        image_key="image_32",
+    )
+
+
 def test_evaluator_on_random_init_vit(mae_setup):
     spec, params = mae_setup
     before = jax.tree.map(np.array, params)
     encode = lp.encoder_features_fn(spec, pool="gap")
     train_batches, eval_batches = _quadrant_batches(192, 0), _quadrant_batches(96, 1)
-    common = {
-        "train_batches": lambda: train_batches,
-        "eval_batches": lambda: eval_batches,
-        "image_key": "image_32",
-    }
-    single = lp.LinearProbeEvaluator(
-        encode, label_key="pathology", multilabel=False, class_names=list("abcd"), **common
-    )
+    single = _quadrant_probe(encode, train_batches, eval_batches)
     metrics = single.run(params, step=0)
     assert all(key.startswith("probe/pathology/") for key in metrics)
     for name in ("accuracy", "ap_macro", "auc_macro", "l2", "num_train"):
@@ -245,8 +251,8 @@ def test_evaluator_on_random_init_vit(mae_setup):
             "image_key": "image_32",
         },
         encode=encode,
-        train_batches=common["train_batches"],
-        eval_batches=common["eval_batches"],
+        train_batches=lambda: train_batches,
+        eval_batches=lambda: eval_batches,
     )
     multi_metrics = multi.run(params, step=0)
     assert multi_metrics["probe/margins/auc_macro"] > 0.75
@@ -258,15 +264,7 @@ def test_evaluator_on_random_init_vit(mae_setup):
         dict(b, label_pathology=rng.permutation(b["label_pathology"])) for b in bs
     ]
     shuffled_train, shuffled_eval = shuffle(train_batches), shuffle(eval_batches)
-    control = lp.LinearProbeEvaluator(
-        encode,
-        train_batches=lambda: shuffled_train,
-        eval_batches=lambda: shuffled_eval,
-        label_key="pathology",
-        multilabel=False,
-        class_names=list("abcd"),
-        image_key="image_32",
-    )
+    control = _quadrant_probe(encode, shuffled_train, shuffled_eval)
     assert control.run(params)["probe/pathology/auc_macro"] < 0.62
 
 
@@ -287,14 +285,6 @@ def test_encoder_features_same_for_mae_and_classifier(mae_setup):
 def test_evaluator_reports_missing_label_key(mae_setup):
     spec, params = mae_setup
     batches = _quadrant_batches(32, 0)
-    evaluator = lp.LinearProbeEvaluator(
-        lp.encoder_features_fn(spec),
-        train_batches=lambda: batches,
-        eval_batches=lambda: batches,
-        label_key="density",
-        multilabel=False,
-        class_names=list("abcd"),
-        image_key="image_32",
-    )
+    evaluator = _quadrant_probe(lp.encoder_features_fn(spec), batches, batches, "density")
     with pytest.raises(KeyError, match="label_density"):
         evaluator.run(params)

@@ -19,11 +19,6 @@ def _run(config, workdir, data_dir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pairs")
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     """arm -> (workdir, metrics.jsonl records) of one finished tiny run per arm."""
     runs = {}

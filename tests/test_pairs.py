@@ -11,6 +11,8 @@ import pytest
 from input_pipeline import cxr_phantom, pairs, records, text, transforms
 from input_pipeline.builders import mimic_cxr
 
+from helpers import assert_batches_equal, take
+
 NUM_IMAGES = 48
 PHANTOM_SIZE = 64
 IMAGE = 32
@@ -42,19 +44,6 @@ def _train(c, **kw):
     return pairs.make_pairs_train_dataset(c, **kw)
 
 
-def _take(it, n):
-    # np.array: copy out of grain's shared-memory arrays before they are freed.
-    return [{k: np.array(v) for k, v in next(it).items()} for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def _expected_image(data: bytes, c) -> np.ndarray:
     """The whole record resized and normalised: (x / max - mean) / std."""
     image, meta = records.decode_record(data)
@@ -84,7 +73,7 @@ def test_phantom_splits_are_disjoint_and_cover_every_pair(cfg):
 
 def test_batch_contract_and_pairing(cfg):
     cfg.crop_scale, cfg.crop_ratio = (1.0, 1.0), (1.0, 1.0)  # the crop is the whole image
-    batch = _take(iter(_train(cfg)), 1)[0]
+    batch = take(iter(_train(cfg)), 1)[0]
     assert set(batch) == {"image", "text_ids", "text_mask", "pair_index"}
     assert batch["image"].dtype == np.float32 and batch["image"].shape == (8, IMAGE, IMAGE, 1)
     assert batch["text_ids"].dtype == np.int32 and batch["text_ids"].shape == (8, LENGTH)
@@ -104,7 +93,7 @@ def test_batch_contract_and_pairing(cfg):
 
 def test_random_crop_and_three_channels(cfg):
     cfg.channels = 3
-    batch = _take(iter(_train(cfg)), 1)[0]
+    batch = take(iter(_train(cfg)), 1)[0]
     assert batch["image"].shape == (8, IMAGE, IMAGE, 3)
     np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
     train = pairs.pair_split(cfg, "train")
@@ -114,31 +103,31 @@ def test_random_crop_and_three_channels(cfg):
 
 
 def test_same_seed_same_batches_and_resume(cfg):
-    first = _take(iter(_train(cfg)), 4)
-    _assert_batches_equal(first, _take(iter(_train(cfg)), 4))
-    other = _take(iter(_train(cfg, seed=1)), 1)[0]
+    first = take(iter(_train(cfg)), 4)
+    assert_batches_equal(first, take(iter(_train(cfg)), 4))
+    other = take(iter(_train(cfg, seed=1)), 1)[0]
     assert not np.array_equal(other["pair_index"], first[0]["pair_index"])
 
     it = iter(_train(cfg))
-    _take(it, 1)
+    take(it, 1)
     state = it.get_state()
     assert state == {"global_position": 8}
     resumed = iter(_train(cfg))
     resumed.set_state(state)
-    _assert_batches_equal(first[1:], _take(resumed, 3))
+    assert_batches_equal(first[1:], take(resumed, 3))
     # One epoch covers every training pair once.
     train_pairs = len(pairs.pair_split(cfg, "train"))
-    batches = _take(iter(_train(cfg)), -(-train_pairs // 8))
+    batches = take(iter(_train(cfg)), -(-train_pairs // 8))
     seen = np.concatenate([b["pair_index"] for b in batches])[:train_pairs]
     assert sorted(seen.tolist()) == list(range(train_pairs))
 
 
 def test_prefetch_workers_give_the_same_batches(cfg):
-    expected = _take(iter(_train(cfg)), 3)
+    expected = take(iter(_train(cfg)), 3)
     cfg.num_workers = 1
     it = iter(_train(cfg))
     try:
-        _assert_batches_equal(expected, _take(it, 3))
+        assert_batches_equal(expected, take(it, 3))
     finally:
         it.close()
 
@@ -248,7 +237,7 @@ def test_prepared_pairs_filter_views_and_missing_reports(tmp_path):
         assert meta["view_group"] == "frontal" and meta["report"]
     assert pairs.pair_split(c, "train").record_indices.tolist() == train.record_indices.tolist()
 
-    batch = _take(iter(_train(c, image_size=16, global_batch_size=4)), 1)[0]
+    batch = take(iter(_train(c, image_size=16, global_batch_size=4)), 1)[0]
     assert batch["image"].shape == (4, 16, 16, 1) and batch["text_ids"].shape == (4, 16)
     assert os.path.isfile(tmp_path / "tokenizer.json")
 

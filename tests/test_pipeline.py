@@ -17,6 +17,8 @@ import pytest
 
 from input_pipeline import dequantize, pipeline, records, sources, transforms
 
+from helpers import assert_batches_equal, take
+
 SCALES = (8, 16)
 RENDER_CALLS = []  # indices rendered in this process by the stand-in
 
@@ -48,19 +50,6 @@ def cfg(tmp_path, fake_phantom):
     c.num_threads = 1
     c.label_keys = ("label",)
     return c
-
-
-def _take(it, n):
-    # np.array: copy out of grain's shared-memory arrays before they are freed.
-    return [{k: np.array(v) for k, v in next(it).items()} for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _dataset(c, workers=0, **kw):
@@ -248,7 +237,7 @@ def test_pipeline_dequantized_matches_float_pipeline(cfg, monkeypatch, channels)
     """make_pretrain_dataset's uint16 batches, dequantised as the train step does, equal
     the float32 batches the same pipeline built on the host, within 1e-4 of the range."""
     cfg.channels = channels
-    shipped = _take(iter(_dataset(cfg)), 3)
+    shipped = take(iter(_dataset(cfg)), 3)
     quantized_crop = transforms.MultiScaleRandomCrop
 
     def float_crop(*args, quantize, **kw):
@@ -256,7 +245,7 @@ def test_pipeline_dequantized_matches_float_pipeline(cfg, monkeypatch, channels)
         return quantized_crop(*args, quantize=False, **kw)
 
     monkeypatch.setattr(transforms, "MultiScaleRandomCrop", float_crop)
-    reference = _take(iter(_dataset(cfg)), 3)
+    reference = take(iter(_dataset(cfg)), 3)
     for batch, ref in zip(shipped, reference):
         assert batch["image_16"].shape == (4, 16, 16, 1)
         assert ref["image_16"].shape == (4, 16, 16, channels)
@@ -380,7 +369,7 @@ def test_real_phantom(tmp_path):
 
 def test_batches_shapes_labels_and_determinism(cfg):
     it = iter(_dataset(cfg))
-    batches = _take(it, 3)
+    batches = take(it, 3)
     b = batches[0]
     assert set(b) == {"image_8", "image_16", "index", "label_label"}
     assert b["image_8"].shape == (4, 8, 8, 1) and b["image_16"].shape == (4, 16, 16, 1)
@@ -389,14 +378,14 @@ def test_batches_shapes_labels_and_determinism(cfg):
     for batch in batches:
         for idx, label in zip(batch["index"], batch["label_label"]):
             assert src[int(idx)]["meta"]["label"] == label
-    _assert_batches_equal(batches, _take(iter(_dataset(cfg)), 3))
-    other_seed = _take(iter(_dataset(cfg, seed=1)), 3)
+    assert_batches_equal(batches, take(iter(_dataset(cfg)), 3))
+    other_seed = take(iter(_dataset(cfg, seed=1)), 3)
     assert not all(np.array_equal(x["index"], y["index"]) for x, y in zip(batches, other_seed))
 
 
 def test_epochs_are_reshuffled_and_reaugmented(cfg):
     it = iter(_dataset(cfg, global_batch_size=8))
-    batches = _take(it, 6)  # 16 records, 8 per batch: 2 batches per epoch
+    batches = take(it, 6)  # 16 records, 8 per batch: 2 batches per epoch
     epochs = [np.concatenate([b["index"] for b in batches[e * 2 : e * 2 + 2]]) for e in range(3)]
     for order in epochs:
         assert sorted(order) == list(range(16))  # each epoch sees every record once
@@ -409,9 +398,9 @@ def test_epochs_are_reshuffled_and_reaugmented(cfg):
 
 
 def test_process_slices_are_disjoint_and_cover_the_data(cfg):
-    single = _take(iter(_dataset(cfg, global_batch_size=8)), 4)
+    single = take(iter(_dataset(cfg, global_batch_size=8)), 4)
     per_process = [
-        _take(iter(_dataset(cfg, global_batch_size=8, process_index=p, process_count=2)), 4)
+        take(iter(_dataset(cfg, global_batch_size=8, process_index=p, process_count=2)), 4)
         for p in range(2)
     ]
     for step in range(4):
@@ -434,12 +423,12 @@ def test_process_slices_are_disjoint_and_cover_the_data(cfg):
 
 def test_state_restore_continues_identically(cfg):
     it = iter(_dataset(cfg))
-    _take(it, 3)
+    take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    expected = _take(it, 4)
+    expected = take(it, 4)
     fresh = iter(_dataset(cfg))
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 4), expected)
+    assert_batches_equal(take(fresh, 4), expected)
     # Restoring into a different global batch size continues at the same record.
     it8 = iter(_dataset(cfg, global_batch_size=8))
     it8.set_state(state)
@@ -452,19 +441,19 @@ def test_state_restore_continues_identically(cfg):
 @pytest.mark.slow
 def test_workers_give_same_batches_and_portable_state(cfg):
     reference_it = iter(_dataset(cfg, workers=0))
-    reference = _take(reference_it, 8)
+    reference = take(reference_it, 8)
     mp_it = iter(_dataset(cfg, workers=2))
-    _assert_batches_equal(_take(mp_it, 3), reference[:3])
+    assert_batches_equal(take(mp_it, 3), reference[:3])
     state = mp_it.get_state()
-    _assert_batches_equal(_take(mp_it, 2), reference[3:5])
+    assert_batches_equal(take(mp_it, 2), reference[3:5])
     # mp_prefetch state -> fresh in-process iterator, and back.
     plain = iter(_dataset(cfg, workers=0))
     plain.set_state(state)
-    _assert_batches_equal(_take(plain, 2), reference[3:5])
+    assert_batches_equal(take(plain, 2), reference[3:5])
     state = plain.get_state()
     mp_it2 = iter(_dataset(cfg, workers=2))
     mp_it2.set_state(state)
-    _assert_batches_equal(_take(mp_it2, 3), reference[5:8])
+    assert_batches_equal(take(mp_it2, 3), reference[5:8])
     _close(reference_it, mp_it, plain, mp_it2)
 
 
@@ -474,17 +463,17 @@ def test_orbax_checkpoint_of_mp_iterator(cfg, tmp_path):
     import orbax.checkpoint as ocp
 
     it = iter(_dataset(cfg, workers=2))
-    _take(it, 2)
+    take(it, 2)
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
         manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         manager.wait_until_finished()
-    expected = _take(it, 3)
+    expected = take(it, 3)
     restored = iter(_dataset(cfg, workers=2))
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
         manager.restore(
             2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
         )
-    _assert_batches_equal(_take(restored, 3), expected)
+    assert_batches_equal(take(restored, 3), expected)
     _close(it, restored)
 
 
@@ -496,7 +485,7 @@ def test_fixed_batch(cfg):
     t = transforms.MultiScaleResize(SCALES, mean=cfg.norm_mean, std=cfg.norm_std, quantize=True)
     np.testing.assert_array_equal(fixed["image_8"][3], t.map(src[3])["image_8"])
     again = pipeline.make_fixed_batch(cfg, scales=SCALES, num_images=5, seed=1)
-    _assert_batches_equal([fixed], [again])
+    assert_batches_equal([fixed], [again])
     with pytest.raises(ValueError, match="num_images"):
         pipeline.make_fixed_batch(cfg, scales=SCALES, num_images=17, seed=0)
 
@@ -548,7 +537,7 @@ def test_roi_context_pretrains_on_lesion_crops(tmp_path):
     c = pipeline.default_data_config()
     c.update(source="shards", dir=str(tmp_path), num_workers=0, num_threads=1)
     c.update(roi_context=3.0, roi_min_px=16, crop_scale=(0.3, 1.0))
-    batch = _take(iter(pipeline.make_pretrain_dataset(c, scales=SCALES, global_batch_size=4,
+    batch = take(iter(pipeline.make_pretrain_dataset(c, scales=SCALES, global_batch_size=4,
                                                       seed=0)), 1)[0]
     lesion = transforms.quantize_unit(np.array([[4000.0]]), max_value=4095.0)[0, 0]
     for key in ("image_8", "image_16"):

@@ -262,19 +262,18 @@ def _png_folder(root, n, size=16):
     return root
 
 
-def _ingest(src, out, **kw):
-    rows = manifest.scan_directory(str(src))
-    kw = {
-        "size": 16,
-        "workers": 1,
-        "rows_per_shard": 3,
-        "salt": SALT,
-        "fractions": {"train": 1.0},
-        "base_dir": str(src),
-        "progress": False,
-        **kw,
-    }
+def _ingest_rows(rows, out, **kw):
+    """engine.ingest of manifest rows in this process: 16 px, every row in "train"
+    unless the row names its split or `kw` says otherwise."""
+    kw = {"size": 16, "workers": 1, "salt": SALT, "fractions": {"train": 1.0},
+          "progress": False, **kw}
     return engine.ingest(rows, str(out), **kw)
+
+
+def _ingest(src, out, **kw):
+    """_ingest_rows of a scanned image folder, 3 rows per shard."""
+    rows = manifest.scan_directory(str(src))
+    return _ingest_rows(rows, out, **{"rows_per_shard": 3, "base_dir": str(src), **kw})
 
 
 def test_rerun_rewrites_only_the_missing_shard(tmp_path):
@@ -407,15 +406,7 @@ def test_no_patient_in_two_splits_after_ingestion(tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     rows, rejected = manifest.read_manifest(str(tmp_path / "m.csv"))
     assert not rejected
-    summary = engine.ingest(
-        rows,
-        str(tmp_path / "out"),
-        size=16,
-        workers=1,
-        salt=SALT,
-        fractions={"train": 0.5, "val": 0.5},
-        progress=False,
-    )
+    summary = _ingest_rows(rows, tmp_path / "out", fractions={"train": 0.5, "val": 0.5})
     assert summary.records == 40
     splits_of = {}
     for split in summary.splits:
@@ -482,16 +473,7 @@ def test_manifest_labels_reports_landmarks_masks(tmp_path):
     assert rows[0].mask_paths == {"mask": str(tmp_path / "a_mask.png")}
 
     out = tmp_path / "out"
-    summary = engine.ingest(
-        rows,
-        str(out),
-        size=32,
-        workers=1,
-        salt=SALT,
-        fractions={"train": 1.0},
-        rejected_rows=rejected,
-        progress=False,
-    )
+    summary = _ingest_rows(rows, out, size=32, rejected_rows=rejected)
     recs = read_split(out / "train")
     assert summary.records == len(recs) == 2
     image, meta, extras = recs[0]
@@ -534,16 +516,7 @@ def test_jsonl_manifest_and_bad_lines(tmp_path):
     assert rows[2].split == "val" and rows[2].options["view"] == "MLO"
 
     out = tmp_path / "out"
-    summary = engine.ingest(
-        rows,
-        str(out),
-        size=16,
-        workers=1,
-        salt=SALT,
-        fractions={"train": 1.0},
-        rejected_rows=rejected,
-        progress=False,
-    )
+    summary = _ingest_rows(rows, out, rejected_rows=rejected)
     # A label named like a technical key ("spacing") is a rejection naming it; a
     # "view" column is the reader option (PNGs carry no view of their own).
     reasons = [r["reason"] for r in read_jsonl(out / "rejected.jsonl")]
@@ -553,15 +526,8 @@ def test_jsonl_manifest_and_bad_lines(tmp_path):
     assert val_meta["view"] == "MLO" and val_meta["spacing"] == [0.5, 0.25]
     assert read_split(out / "train")[0][1]["view"] == "CC"
     with pytest.raises(engine.StrictModeError, match="m.jsonl:3"):
-        engine.ingest(
-            rows,
-            str(tmp_path / "strict"),
-            size=16,
-            workers=1,
-            salt=SALT,
-            strict=True,
-            rejected_rows=rejected,
-            progress=False,
+        _ingest_rows(
+            rows, tmp_path / "strict", strict=True, rejected_rows=rejected, fractions=None
         )
 
 

@@ -114,25 +114,29 @@ def test_cxr_phantom_is_its_own_layout(phantom_dir):
     np.testing.assert_array_equal(pairs.pair_split(p, "val").record_indices, src.record_indices)
 
 
+FLAT_RENDERS = []  # (index, seed, size) of every render_flat call in this process
+
+
+def render_flat(index, seed, size):
+    """A phantom whose image `index` is filled with `index` (module level: a
+    declaration names it, and spawned render workers would import it)."""
+    FLAT_RENDERS.append((index, seed, size))
+    return np.full((size, size), index, np.uint8), {"i": index}
+
+
 def test_a_registered_phantom_needs_nothing_else(phantom_dir, monkeypatch):
-    calls = []
-
-    def ensure(data_dir, *, num_images, seed, size):
-        calls.append((num_images, seed, size))
-        out = f"{data_dir}/flat_{size}_{seed}_{num_images}"
-        recs = [(np.full((size, size), i, np.uint8), {"i": i}) for i in range(num_images)]
-        return records.write_shards(recs, out, "flat", 1, overwrite=True)
-
-    def shards_dir(data_dir, *, num_images, seed, size):
-        return f"{data_dir}/flat_{size}_{seed}_{num_images}"
-
-    monkeypatch.setitem(sources.PHANTOMS, "flat_phantom",
-                        sources.Phantom(ensure, shards_dir, "flat test phantom"))
+    FLAT_RENDERS.clear()
+    flat = sources.Phantom("flat_phantom", f"{__name__}:render_flat", "flat test phantom")
+    monkeypatch.setitem(sources.PHANTOMS, "flat_phantom", flat)
     c = _phantom_cfg(phantom_dir, "flat_phantom")
     assert "flat_phantom" in sources.source_names()
     assert sorted(_values(sources.resolve(c, None))) == list(range(PHANTOM_IMAGES))
     assert len(sources.resolve(c, "test")) == 1  # 12 records, phantom_split (0.8, 0.1, 0.1)
-    assert calls[0] == (PHANTOM_IMAGES, 0, 64)
+    # Rendered once, with the config's seed and size, into the declared folder.
+    assert sorted(FLAT_RENDERS) == [(i, 0, 64) for i in range(PHANTOM_IMAGES)]
+    assert sources.data_root(c) == f"{phantom_dir}/flat_phantom_64_0_{PHANTOM_IMAGES}"
+    assert all(p.startswith(f"{sources.data_root(c)}/flat_phantom-")
+               for p in sources.resolve(c, None).paths)
     batch = finetune.make_eval_batches(c, "val", image_size=16, batch_size=4, label_keys=("i",))
     assert batch.num_records == len(sources.resolve(c, "val"))
 

@@ -7,11 +7,12 @@ A tool script starts with
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tools import cli
 
-and its `main(argv=None) -> int` returns `cli.run(body, user_errors=...)`: the body's exit
-status, or 2 after one line `error: MESSAGE` on stderr when the body raises a user's
-mistake (a bad flag value, a config field that does not exist, a missing file), so that
-a person sees what to fix and not a traceback. Other exceptions are bugs and keep their
-traceback.
+and its `main(argv=None) -> int` returns `cli.main(build_parser(), body, argv,
+user_errors=...)` (parse, logging, then `body(args)`) or, for a body that is no more than
+a call, `cli.run(body, user_errors=...)`: the body's exit status, or 2 after one line
+`error: MESSAGE` on stderr when the body raises a user's mistake (a bad flag value, a
+config field that does not exist, a missing file), so that a person sees what to fix and
+not a traceback. Other exceptions are bugs and keep their traceback.
 
 Nothing here imports JAX: `--help` stays fast.
 """
@@ -29,6 +30,14 @@ NOISY_LOGGERS = ("absl", "orbax", "jax._src", "grain")
 
 class UsageError(ValueError):
     """A mistake in a tool's command line or inputs; its message says how to fix it."""
+
+
+def argument_parser(doc: str, epilog: str, **kwargs) -> argparse.ArgumentParser:
+    """A tool's argument parser: --help shows the first paragraph of the tool's docstring
+    `doc`, the options, then `epilog` (examples and notes) with its line breaks kept."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   **kwargs)
 
 
 def setup_logging() -> None:
@@ -51,6 +60,27 @@ def run(body: Callable[[], int | None], *,
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     return 0 if status is None else status
+
+
+def main(parser: argparse.ArgumentParser, body: Callable[..., int | None],
+         argv: Sequence[str] | None = None, *,
+         user_errors: tuple[type[BaseException], ...] = (),
+         config_overrides: bool = False) -> int:
+    """A tool's whole `main(argv)`: parses `argv` (None: sys.argv[1:]) with `parser`, sets
+    up logging and returns `run(body(args))`. With `config_overrides` the command line
+    may also hold `--config.KEY=VALUE` (see parse_args), and the body is called as
+    `body(args, overrides)`."""
+
+    def parse_then_body():
+        if config_overrides:
+            args, overrides = parse_args(parser, argv)
+            extra = (overrides,)
+        else:
+            args, extra = parser.parse_args(argv), ()
+        setup_logging()
+        return body(args, *extra)
+
+    return run(parse_then_body, user_errors=user_errors)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
@@ -83,3 +113,13 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
     config.lock()
     return config
 
+
+def checkpoint_options(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict:
+    """`step`, `config` and `use_ema` keyword arguments (as inference.load_checkpoint takes
+    them) from a tool's --workdir, --step, --config and --use-ema and its overrides: the
+    one rule for which checkpoint of which run a tool reads."""
+    return {
+        "step": args.step,
+        "config": load_config(args.config, overrides, workdir=args.workdir),
+        "use_ema": args.use_ema,
+    }

@@ -31,13 +31,12 @@ WORKDIR/tokenizer.json (both written by the trainer). --config.KEY=VALUE (any nu
 overrides a field of that config, or of --config FILE[:ARG].
 """
 
+# Bad settings or a missing checkpoint, data or tokenizer: the user's to fix.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.argument_parser(__doc__, EPILOG)
     parser.add_argument("--workdir", required=True, help="an image-report (mcr) run's workdir.")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest).")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"))
@@ -57,25 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return cli.run(lambda: evaluate(argv), user_errors=(ValueError, FileNotFoundError))
+    return cli.main(build_parser(), evaluate, argv, user_errors=USER_ERRORS, config_overrides=True)
 
 
-def evaluate(argv) -> None:
-    args, overrides = cli.parse_args(build_parser(), argv)
-    cli.setup_logging()
+def evaluate(args, overrides) -> None:
     from mimjax.evaluators import retrieval_checkpoint
 
     metrics = retrieval_checkpoint.evaluate_checkpoint(
         args.workdir,
-        step=args.step,
         split=args.split,
         data_dir=args.data_dir,
         tokenizer_path=args.tokenizer,
         out_dir=args.out,
-        use_ema=args.use_ema,
         batch_size=args.batch_size,
-        config=cli.load_config(args.config, overrides, workdir=args.workdir),
         finding_probe=args.finding_probe,
+        **cli.checkpoint_options(args, overrides),
     )
     print(f"step {metrics['step']}, {args.split} split, {int(metrics['num_pairs'])} pairs")
     for direction in ("i2t", "t2i"):

@@ -41,13 +41,12 @@ Settings PyTorch cannot express (e.g. no class token for HF, a "gap" / "map" hea
 for ViTForImageClassification) stop the export with a message naming the fix.
 """
 
+# A setting PyTorch cannot express, a missing checkpoint or config: the user's to fix.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.argument_parser(__doc__, EPILOG)
     parser.add_argument("--workdir", required=True, help="mimjax workdir (or its checkpoints/).")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest).")
     parser.add_argument("--format", required=True, choices=("hf", "timm"), help="target library.")
@@ -68,22 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return cli.run(lambda: export(argv), user_errors=(ValueError, FileNotFoundError))
+    return cli.main(build_parser(), export, argv, user_errors=USER_ERRORS, config_overrides=True)
 
 
-def export(argv) -> None:
-    args, overrides = cli.parse_args(build_parser(), argv)
-    cli.setup_logging()
+def export(args, overrides) -> None:
     from mimjax.export import convert
 
     record = convert.export_checkpoint(
         args.workdir,
         args.out,
         args.format,
-        step=args.step,
-        config=cli.load_config(args.config, overrides, workdir=args.workdir),
-        use_ema=args.use_ema,
         encoder_only=args.encoder_only,
+        **cli.checkpoint_options(args, overrides),
     )
     target = record.get("hf_class") or "timm VisionTransformer"
     print(f"Exported step {record['step']} ({record['kind']}) as {target} to {args.out}")

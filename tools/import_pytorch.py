@@ -39,13 +39,12 @@ mimjax.inference on integer images). A fixed sin-cos position table is recognise
 and imported as posemb "sincos2d"; any other table as a learned one.
 """
 
+# Weights mimjax cannot express, a missing file, a non-empty --out: the user's to fix.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.argument_parser(__doc__, EPILOG)
     parser.add_argument(
         "--from",
         dest="source_format",
@@ -68,13 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    user_errors = (ValueError, FileNotFoundError, FileExistsError)
-    return cli.run(lambda: import_weights(argv), user_errors=user_errors)
+    return cli.main(build_parser(), import_weights, argv, user_errors=USER_ERRORS)
 
 
-def import_weights(argv) -> None:
-    args = build_parser().parse_args(argv)
-    cli.setup_logging()
+def import_weights(args) -> None:
     from mimjax.export import convert
 
     directory = convert.import_checkpoint(

@@ -104,12 +104,7 @@ def _int_at_least(text: str, low: int, message: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from input_pipeline import builders  # pylint: disable=g-import-not-at-top
 
-    p = argparse.ArgumentParser(
-        prog="prepare_data.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.argument_parser(__doc__, EPILOG, prog="prepare_data.py")
     p.add_argument(
         "--input",
         required=True,

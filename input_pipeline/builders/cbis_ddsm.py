@@ -79,7 +79,6 @@ import glob
 import os
 
 import numpy as np
-import pydicom
 
 from input_pipeline.builders import LayoutError
 from input_pipeline.builders._layout import carve_val, layout_error, read_csv, require_columns
@@ -97,6 +96,7 @@ CSV_FILES = {  # file name -> official split
     "calc_case_description_train_set.csv": "train",
     "calc_case_description_test_set.csv": "test",
 }
+# The label layout (the mammography phantom draws the same labels: phantom.py).
 MARGIN_TYPES = ("circumscribed", "obscured", "ill_defined", "microlobulated", "spiculated")
 PATHOLOGY_CLASSES = (
     "benign_mass",
@@ -201,11 +201,17 @@ def _dicoms_under(folder: str) -> list[str]:
 
 
 def _area(path: str) -> int:
+    # Imported here, not at the top: the phantom imports this module for its label
+    # names in every render worker, and pydicom takes a quarter of a second.
+    import pydicom  # pylint: disable=g-import-not-at-top
+
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
     return int(ds.Rows) * int(ds.Columns)
 
 
 def _is_binary(path: str) -> bool:
+    import pydicom  # pylint: disable=g-import-not-at-top  (see _area)
+
     pixels = pydicom.dcmread(path).pixel_array
     values = np.unique(pixels)
     return len(values) <= 2 and values[0] == 0

@@ -369,6 +369,22 @@ def text_size(font, text: str) -> tuple[int, int]:
     return right - left, bottom - top
 
 
+def check_png_path(path: str) -> None:
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"path must name a .png file, got {path!r}.")
+
+
+def save_figure(canvas: Image.Image, path: str, legend: str, font, legend_xy) -> str:
+    """Draws the grey one-line `legend` at `legend_xy` (its bottom-left corner, under the
+    content) and writes `canvas` to `path`, creating its folder; returns `path`."""
+    ImageDraw.Draw(canvas).text(legend_xy, legend, font=font, fill=(90, 90, 90))
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def _abbreviate(name: str, font, max_width: int) -> str:
     if text_size(font, name)[0] <= max_width:
         return name
@@ -437,8 +453,7 @@ def confusion_matrix_figure(matrix, class_names: Sequence[str], path: str, title
             f"class_names has {len(class_names)} entries but the matrix has {matrix.shape[0]} "
             "classes."
         )
-    if not path.lower().endswith(".png"):
-        raise ValueError(f"path must name a .png file, got {path!r}.")
+    check_png_path(path)
     small, regular, large = figure_font(13), figure_font(15), figure_font(17)
     label_width = 170
     margin = 12
@@ -501,9 +516,4 @@ def confusion_matrix_figure(matrix, class_names: Sequence[str], path: str, title
         axis = _vertical_text("true", regular, (90, 90, 90))
         canvas.paste(axis, (margin, header + (len(class_names) * _CELL - axis.height) // 2), axis)
         legend = "rows: true, columns: predicted; colour and % normalised per row"
-    draw.text((margin, height - 24), legend, font=small, fill=(90, 90, 90))
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_figure(canvas, path, legend, small, (margin, height - 24))

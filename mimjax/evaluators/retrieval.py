@@ -35,7 +35,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mimjax import sharding
-from mimjax.evaluators.classification import figure_font, text_size
+from mimjax.evaluators.classification import (
+    check_png_path,
+    figure_font,
+    save_figure,
+    text_size,
+)
 from mimjax.evaluators.hooks import EvalHook, uses_ema
 
 log = logging.getLogger(__name__)
@@ -235,8 +240,7 @@ def retrieval_figure(
 ) -> str:
     """PNG with one row per query image: the image, its own report, and the retrieved
     reports (text, score, correct) best first, correct ones green, wrong ones red."""
-    if not path.lower().endswith(".png"):
-        raise ValueError(f"path must name a .png file, got {path!r}.")
+    check_png_path(path)
     if not (len(images) == len(true_reports) == len(retrieved)) or not len(images):
         raise ValueError(
             "images, true_reports and retrieved must be non-empty and of one "
@@ -275,12 +279,7 @@ def retrieval_figure(
             ty += 4
         y += row_height + gap
     legend = "top-3 reports retrieved for each query image by cosine similarity"
-    draw.text((margin, height - 20), legend, font=small, fill=(90, 90, 90))
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_figure(canvas, path, legend, small, (margin, height - 20))
 
 
 # --------------------------------------------------------------------------- hooks

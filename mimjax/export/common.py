@@ -210,6 +210,16 @@ def is_sincos(table: np.ndarray, grid_size: int) -> bool:
     return bool(np.allclose(table, reference, rtol=0, atol=1e-6))
 
 
+def import_posemb(flat: dict, name: str, table: np.ndarray, grid_size: int) -> str:
+    """The `posemb` setting of an imported (1, grid_size**2, D) position table: "sincos2d"
+    when it is mimjax's fixed table (not a parameter then), else "learn", with the table
+    kept in `flat[name]`."""
+    if is_sincos(table, grid_size):
+        return "sincos2d"
+    flat[name] = table
+    return "learn"
+
+
 def write_checkpoint(out_dir: str, flat: dict[str, np.ndarray], config, *, step: int = 0) -> str:
     """Writes parameters as a mimjax checkpoint (OUT/checkpoints/<step>/state, the layout
     `mimjax.pretrained.load_pretrained_params` and `--config.init` read) plus

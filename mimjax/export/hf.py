@@ -310,9 +310,7 @@ def load(path: str, *, scan: bool = False):
         "encoder/norm/scale": sd[f"{prefix}layernorm.weight"],
         "encoder/norm/bias": sd[f"{prefix}layernorm.bias"],
     }
-    posemb = "sincos2d" if common.is_sincos(table[:, 1:], grid) else "learn"
-    if posemb == "learn":
-        flat["encoder/pos_embedding"] = table[:, 1:]
+    posemb = common.import_posemb(flat, "encoder/pos_embedding", table[:, 1:], grid)
     flat.update(_blocks_from_hf(sd, f"{prefix}layers.", "encoder/", hc.num_hidden_layers))
     model_cfg = common.model_config(
         width=hc.hidden_size,
@@ -376,9 +374,7 @@ def _decoder_from_hf(sd, hc, grid: int, model_cfg) -> dict[str, np.ndarray]:
         d + "pred/kernel": common.linear_from_torch(sd["decoder.decoder_pred.weight"]),
         d + "pred/bias": sd["decoder.decoder_pred.bias"],
     }
-    posemb = "sincos2d" if common.is_sincos(table[:, 1:], grid) else "learn"
-    if posemb == "learn":
-        flat[d + "pos_embedding"] = table[:, 1:]
+    posemb = common.import_posemb(flat, d + "pos_embedding", table[:, 1:], grid)
     flat.update(_blocks_from_hf(sd, "decoder.decoder_layers.", d, hc.decoder_num_hidden_layers))
     model_cfg.name = "mae"
     model_cfg.scales = [model_cfg.image_size]

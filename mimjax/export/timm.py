@@ -292,13 +292,34 @@ def _npz_prefix(w) -> tuple[str, bool]:
     raise ValueError("Not a ViT .npz: no 'embedding/kernel' entry (big_vision or original ViT).")
 
 
-def _encoder_config(flat, table, grid, patch, **dims):
-    """The imported encoder's model config; a position table that is not the sin-cos
-    one is kept as a learned table in `flat`."""
-    posemb = "sincos2d" if common.is_sincos(table, grid) else "learn"
-    if posemb == "learn":
-        flat["encoder/pos_embedding"] = table
-    return common.model_config(patch_size=patch, image_size=grid * patch, posemb=posemb, **dims)
+def _fold_class_token(flat, cls: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Stores the class token; a position table with a class-token row (timm's
+    no_embed_class=False, the original ViT's table) has that row folded into the token,
+    since mimjax adds no position embedding to it. Returns the patch-grid table."""
+    if int(np.sqrt(table.shape[1])) ** 2 != table.shape[1]:
+        cls, table = cls + table[:, :1], table[:, 1:]
+    flat["encoder/cls_token"] = cls
+    return table
+
+
+def _encoder_config(flat, table, patch, channels, num_heads, layer_norm_eps, gelu_approximate):
+    """The imported encoder's model config: the sizes are read off the converted `flat`
+    and the (1, grid * grid, width) position table."""
+    grid = round(np.sqrt(table.shape[1]))
+    posemb = common.import_posemb(flat, "encoder/pos_embedding", table, grid)
+    return common.model_config(
+        width=table.shape[-1],
+        depth=tree.depth(flat, "encoder/"),
+        num_heads=num_heads,
+        mlp_dim=flat["encoder/transformer/blocks/0/mlp/fc1/bias"].shape[0],
+        patch_size=patch,
+        image_size=grid * patch,
+        channels=channels,
+        posemb=posemb,
+        class_token="encoder/cls_token" in flat,
+        layer_norm_eps=layer_norm_eps,
+        gelu_approximate=gelu_approximate,
+    )
 
 
 def load_big_vision(w, *, layer_norm_eps: float, gelu_approximate: bool, scan: bool = False):
@@ -333,12 +354,7 @@ def load_big_vision(w, *, layer_norm_eps: float, gelu_approximate: bool, scan: b
     table = table.reshape(1, -1, width)
     class_token = p + "cls" in w
     if class_token:
-        cls = w[p + "cls"].reshape(1, 1, width)
-        grid_tokens = table.shape[1]
-        if int(np.sqrt(grid_tokens)) ** 2 != grid_tokens:  # a class-token row: fold it in
-            cls, table = cls + table[:, :1], table[:, 1:]
-        flat["encoder/cls_token"] = cls
-    grid = round(np.sqrt(table.shape[1]))
+        table = _fold_class_token(flat, w[p + "cls"].reshape(1, 1, width), table)
     num_heads = None
     for i in range(depth):
         dst = f"encoder/transformer/blocks/{i}/"
@@ -356,18 +372,7 @@ def load_big_vision(w, *, layer_norm_eps: float, gelu_approximate: bool, scan: b
             flat[f"{dst}mlp/{fc}/kernel"] = block(i, f"{mlp}/Dense_{r}/kernel")
             flat[f"{dst}mlp/{fc}/bias"] = block(i, f"{mlp}/Dense_{r}/bias")
     model_cfg = _encoder_config(
-        flat,
-        table,
-        grid,
-        patch,
-        width=width,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_dim=flat["encoder/transformer/blocks/0/mlp/fc1/bias"].shape[0],
-        channels=channels,
-        class_token=class_token,
-        layer_norm_eps=layer_norm_eps,
-        gelu_approximate=gelu_approximate,
+        flat, table, patch, channels, num_heads, layer_norm_eps, gelu_approximate
     )
     head = None
     if p + "MAPHead_0/probe" in w:
@@ -424,11 +429,7 @@ def load_timm_state_dict(
     table = sd["pos_embed"]
     class_token = "cls_token" in sd
     if class_token:
-        cls = sd["cls_token"]
-        if int(np.sqrt(table.shape[1])) ** 2 != table.shape[1]:  # no_embed_class=False
-            cls, table = cls + table[:, :1], table[:, 1:]
-        flat["encoder/cls_token"] = cls
-    grid = round(np.sqrt(table.shape[1]))
+        table = _fold_class_token(flat, sd["cls_token"], table)
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     for i in range(depth):
         dst = f"encoder/transformer/blocks/{i}/"
@@ -442,18 +443,7 @@ def load_timm_state_dict(
             flat[f"{dst}attn/{n}/kernel"] = common.linear_from_torch(weight)
             flat[f"{dst}attn/{n}/bias"] = bias
     model_cfg = _encoder_config(
-        flat,
-        table,
-        grid,
-        patch,
-        width=width,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_dim=sd["blocks.0.mlp.fc1.bias"].shape[0],
-        channels=channels,
-        class_token=class_token,
-        layer_norm_eps=layer_norm_eps,
-        gelu_approximate=gelu_approximate,
+        flat, table, patch, channels, num_heads, layer_norm_eps, gelu_approximate
     )
     head = None
     if "head.weight" in sd:

@@ -49,8 +49,11 @@ def logits_layer(width: int, num_classes: int, init_std: float, rngs: nnx.Rngs) 
     )
 
 
-class ClsTokenHead(nnx.Module):
-    """Logits from the class token."""
+class _Head(nnx.Module):
+    """Pools the tokens into (B, D) features (`pool`), then float32 logits (`fc`).
+
+    A subclass checks the encoder and creates its pooling layers in `_pooling`; `fc` is
+    created last, after them, which fixes the order the parameters draw from `rngs`."""
 
     def __init__(
         self,
@@ -60,57 +63,54 @@ class ClsTokenHead(nnx.Module):
         init_std: float = DEFAULT_HEAD_INIT_STD,
         rngs: nnx.Rngs,
     ):
-        if not encoder.class_token:
-            raise ValueError(
-                "head 'cls' needs an encoder with a class token; set "
-                "model.class_token=True or use head 'gap' or 'map'."
-            )
+        self._pooling(encoder, rngs)
         self.fc = logits_layer(encoder.transformer.width, num_classes, init_std, rngs)
 
+    def _pooling(self, encoder: vit.ViTConfig, rngs: nnx.Rngs) -> None:
+        raise NotImplementedError
+
     def pool(self, tokens: jax.Array) -> jax.Array:
-        return tokens[:, 0]
+        raise NotImplementedError
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.fc(self.pool(tokens).astype(jnp.float32))
 
 
-class GapHead(nnx.Module):
+class ClsTokenHead(_Head):
+    """Logits from the class token."""
+
+    def _pooling(self, encoder: vit.ViTConfig, rngs: nnx.Rngs) -> None:
+        if not encoder.class_token:
+            raise ValueError(
+                "head 'cls' needs an encoder with a class token; set "
+                "model.class_token=True or use head 'gap' or 'map'."
+            )
+
+    def pool(self, tokens: jax.Array) -> jax.Array:
+        return tokens[:, 0]
+
+
+class GapHead(_Head):
     """Logits from the mean patch token (class token excluded), LayerNorm-ed."""
 
-    def __init__(
-        self,
-        encoder: vit.ViTConfig,
-        num_classes: int,
-        *,
-        init_std: float = DEFAULT_HEAD_INIT_STD,
-        rngs: nnx.Rngs,
-    ):
-        width = encoder.transformer.width
+    def _pooling(self, encoder: vit.ViTConfig, rngs: nnx.Rngs) -> None:
         self.num_prefix_tokens = int(encoder.class_token)
         self.fc_norm = nnx.LayerNorm(
-            width, epsilon=encoder.transformer.layer_norm_eps, dtype=jnp.float32, rngs=rngs
+            encoder.transformer.width,
+            epsilon=encoder.transformer.layer_norm_eps,
+            dtype=jnp.float32,
+            rngs=rngs,
         )
-        self.fc = logits_layer(width, num_classes, init_std, rngs)
 
     def pool(self, tokens: jax.Array) -> jax.Array:
         patches = tokens[:, self.num_prefix_tokens :].astype(jnp.float32)
         return self.fc_norm(patches.mean(axis=1))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.fc(self.pool(tokens))
 
-
-class MapHead(nnx.Module):
+class MapHead(_Head):
     """Multi-head attention pooling: a learned probe attends over all tokens."""
 
-    def __init__(
-        self,
-        encoder: vit.ViTConfig,
-        num_classes: int,
-        *,
-        init_std: float = DEFAULT_HEAD_INIT_STD,
-        rngs: nnx.Rngs,
-    ):
+    def _pooling(self, encoder: vit.ViTConfig, rngs: nnx.Rngs) -> None:
         cfg = encoder.transformer
         self.cfg = cfg
         width = cfg.width
@@ -120,7 +120,6 @@ class MapHead(nnx.Module):
         self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
         self.norm = vit.layer_norm(width, cfg, rngs)
         self.mlp = vit.Mlp(cfg, rngs=rngs)
-        self.fc = logits_layer(width, num_classes, init_std, rngs)
 
     def attend(self, tokens: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, D): one probe query, softmax in f32, permutation-invariant in T."""
@@ -140,9 +139,6 @@ class MapHead(nnx.Module):
     def pool(self, tokens: jax.Array) -> jax.Array:
         x = self.attend(tokens)
         return (x + self.mlp(self.norm(x))).astype(jnp.float32)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.fc(self.pool(tokens))
 
 
 HEADS = {"cls": ClsTokenHead, "gap": GapHead, "map": MapHead}

@@ -94,7 +94,43 @@ class ScaleDecoder(nnx.Module):
         return pred[:, 1:] if has_cls else pred
 
 
-class MaskedAutoencoder(nnx.Module):
+def decoder_config(dec, encoder: vit.ViTConfig) -> vit.TransformerConfig:
+    """A decoder's transformer from a `model.decoder` section ({width, depth, num_heads,
+    mlp_dim}); dtype, norm, GELU, scan / remat and attention follow the encoder's."""
+    et = encoder.transformer
+    return vit.TransformerConfig(
+        width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
+        mlp_dim=dec.get("mlp_dim", None) or 4 * dec.width,
+        dtype=et.dtype, layer_norm_eps=et.layer_norm_eps, gelu_approximate=et.gelu_approximate,
+        scan=et.scan, remat=et.remat, attention=et.attention)
+
+
+class MaskedImageModel(nnx.Module):
+    """The interface the masked-reconstruction objective and figures use: `patch_size`,
+    `num_patches` and `__call__(images, noise, mask_ratio)`. A subclass has a ViT `encoder`
+    and `scales`, and implements `decode(latent, restore_ids)` -> {scale: (B, N_scale,
+    p*p*C) predictions}."""
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.cfg.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.cfg.num_patches
+
+    def decode(self, latent: jax.Array, restore_ids: jax.Array) -> dict[int, jax.Array]:
+        raise NotImplementedError
+
+    def __call__(self, images: jax.Array, noise: jax.Array, mask_ratio: float):
+        """images: (B, S0, S0, C) at the base scale; noise: (B, N) uniform.
+        Returns ({scale: (B, N_scale, p*p*C) predictions}, MaskInfo)."""
+        info = random_masking(noise, mask_ratio)
+        latent = self.encoder.encode_visible(images, info.keep_ids)
+        return self.decode(latent, info.restore_ids), info
+
+
+class MaskedAutoencoder(MaskedImageModel):
     """ViT encoder + one `ScaleDecoder` per entry of `scales` (pixels, ascending;
     scales[0] must be the encoder's image size, every scale a multiple of it)."""
 
@@ -115,33 +151,14 @@ class MaskedAutoencoder(nnx.Module):
             ScaleDecoder(decoder, encoder=encoder, factor=s // encoder.image_size,
                          posemb=decoder_posemb, rngs=rngs) for s in scales])
 
-    @property
-    def patch_size(self) -> int:
-        return self.encoder.cfg.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.encoder.cfg.num_patches
-
-    def __call__(self, images: jax.Array, noise: jax.Array, mask_ratio: float):
-        """images: (B, S0, S0, C) at the base scale; noise: (B, N) uniform.
-        Returns ({scale: (B, N_scale, p*p*C) predictions}, MaskInfo)."""
-        info = random_masking(noise, mask_ratio)
-        latent = self.encoder.encode_visible(images, info.keep_ids)
-        preds = {s: dec(latent, info.restore_ids) for s, dec in zip(self.scales, self.decoders)}
-        return preds, info
+    def decode(self, latent: jax.Array, restore_ids: jax.Array) -> dict[int, jax.Array]:
+        return {s: dec(latent, restore_ids) for s, dec in zip(self.scales, self.decoders)}
 
 
 def build_mae(model_cfg, *, rngs: nnx.Rngs) -> MaskedAutoencoder:
     """From the `model` config section (see configs/demo.py for the fields)."""
     encoder = vit.vit_config_from(model_cfg)
     dec = model_cfg.decoder
-    decoder = vit.TransformerConfig(
-        width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
-        mlp_dim=dec.get("mlp_dim", None) or 4 * dec.width,
-        dtype=encoder.transformer.dtype, layer_norm_eps=encoder.transformer.layer_norm_eps,
-        gelu_approximate=encoder.transformer.gelu_approximate,
-        scan=encoder.transformer.scan, remat=encoder.transformer.remat,
-        attention=encoder.transformer.attention)
+    decoder = decoder_config(dec, encoder)
     return MaskedAutoencoder(encoder, decoder, tuple(model_cfg.scales),
                              decoder_posemb=dec.get("posemb", "sincos2d"), rngs=rngs)

@@ -72,7 +72,7 @@ def masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
-class MCRModel(nnx.Module):
+class MCRModel(mae.MaskedImageModel):
     def __init__(
         self,
         encoder: vit.ViTConfig,
@@ -119,24 +119,13 @@ class MCRModel(nnx.Module):
         self.logit_scale = nnx.Param(jnp.asarray(math.log(logit_scale_init), jnp.float32))
         self.logit_bias = nnx.Param(jnp.asarray(logit_bias_init, jnp.float32))
 
-    # ------------------------------------------------------------------ MAE interface
-    @property
-    def patch_size(self) -> int:
-        return self.encoder.cfg.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.encoder.cfg.num_patches
-
     @property
     def vocab_size(self) -> int:
         return self.text_encoder.cfg.vocab_size
 
-    def __call__(self, images: jax.Array, noise: jax.Array, mask_ratio: float):
-        """MAE interface: ({base scale: (B, N, p*p*C) predictions}, MaskInfo)."""
-        info = mae.random_masking(noise, mask_ratio)
-        latent = self.encoder.encode_visible(images, info.keep_ids)
-        return {self.scales[0]: self.reconstruct(latent, info.restore_ids)}, info
+    # ------------------------------------------------------------------ MAE interface
+    def decode(self, latent: jax.Array, restore_ids: jax.Array) -> dict[int, jax.Array]:
+        return {self.scales[0]: self.reconstruct(latent, restore_ids)}
 
     def reconstruct(self, latent: jax.Array, restore_ids: jax.Array) -> jax.Array:
         if not len(self.decoders):
@@ -204,21 +193,7 @@ def build_mcr(model_cfg, *, rngs: nnx.Rngs) -> MCRModel:
             f"be [{encoder.image_size}] (or unset), got {scales}."
         )
     dec = model_cfg.get("decoder", None)
-    decoder = None
-    if dec is not None:
-        et = encoder.transformer
-        decoder = vit.TransformerConfig(
-            width=dec.width,
-            depth=dec.depth,
-            num_heads=dec.num_heads,
-            mlp_dim=dec.get("mlp_dim", None) or 4 * dec.width,
-            dtype=et.dtype,
-            layer_norm_eps=et.layer_norm_eps,
-            gelu_approximate=et.gelu_approximate,
-            scan=et.scan,
-            remat=et.remat,
-            attention=et.attention,
-        )
+    decoder = mae.decoder_config(dec, encoder) if dec is not None else None
     text_section = model_cfg.get("text", None)
     if text_section is None:
         raise ValueError(
