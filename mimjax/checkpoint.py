@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -56,13 +57,40 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """Restores the train state (onto `abstract_state`'s shardings) and, if given,
-        the data iterator in place."""
-        items = {self.STATE: ocp.args.StandardRestore(abstract_state)}
+        the data iterator in place.
+
+        A state field the checkpoint lacks is filled from `abstract_state` when it holds
+        no arrays (e.g. TrainState.model_state, {} for most models, added after older
+        checkpoints were written); a missing field with arrays is an error."""
+        target, filled = self._stored_fields(step, abstract_state)
+        items = {self.STATE: ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items[self.DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))[self.STATE]
         log.info("Restored step %d from %s", step, self.directory)
-        return restored[self.STATE]
+        if filled:
+            restored = dataclasses.replace(abstract_state, **restored, **filled)
+        return restored
+
+    def _stored_fields(self, step: int, abstract_state):
+        """(the restore target, {field: empty value} for fields the checkpoint lacks)."""
+        if not dataclasses.is_dataclass(abstract_state):
+            return abstract_state, {}
+        item_dir = os.path.join(self.directory, str(step), self.STATE)
+        stored = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+        fields = {f.name: getattr(abstract_state, f.name)
+                  for f in dataclasses.fields(abstract_state)}
+        missing = {name: value for name, value in fields.items() if name not in stored}
+        if not missing:
+            return abstract_state, {}
+        with_arrays = [name for name, value in missing.items() if jax.tree.leaves(value)]
+        if with_arrays:
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} has no {with_arrays}, which this "
+                "model needs; it was written by a different model or an older mimjax. Start "
+                "a fresh run in a new --workdir (config.init can load its encoder).")
+        present = {name: value for name, value in fields.items() if name in stored}
+        return present, missing
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -65,6 +65,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array                # uint32[2]; per-step keys are fold_in(rng, step)
     ema_params: Any               # pure dict (EMA enabled) or {} (disabled)
+    model_state: Any              # pure dict of batch statistics, {} for most models
     nonfinite_total: jax.Array    # int32: steps whose update was skipped
     nonfinite_streak: jax.Array   # int32: consecutive skipped steps up to now
 
@@ -76,10 +77,11 @@ def create_train_state(config, mesh, spec: ModelSpec, tx: optax.GradientTransfor
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
 
     def init():
-        params = spec.init_params(config.model, init_key)
+        params, model_state = spec.init_variables(config.model, init_key)
         ema = jax.tree.map(jnp.copy, params) if config.get("ema_decay", 0.0) else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=train_key, ema_params=ema,
+                          model_state=model_state,
                           nonfinite_total=jnp.zeros((), jnp.int32),
                           nonfinite_streak=jnp.zeros((), jnp.int32))
 
@@ -126,39 +128,52 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
     """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
     `prepare_batch(batch) -> batch` runs in the step before the loss, per microbatch
-    (e.g. dequantising compact host images into model inputs on the device)."""
+    (e.g. dequantising compact host images into model inputs on the device). The loss
+    sees the batch with `batch["step"]`, the step being taken (int32), for objectives
+    whose weights follow a schedule. A model with state (batch statistics) updates it
+    in its forward pass; the step keeps the new state (microbatch after microbatch
+    with gradient accumulation), except on a non-finite step."""
 
-    def loss_of(params, batch, rng):
+    def loss_of(params, model_state, batch, rng, step):
         if prepare_batch is not None:
             batch = prepare_batch(batch)
-        return loss_fn(spec.bind(params), batch, rng)
+        model = spec.bind(params, model_state)
+        loss, metrics = loss_fn(model, dict(batch, step=step), rng)
+        return loss, (metrics, spec.model_state(model))
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def compute_grads(params, batch, rng):
+    def compute_grads(params, model_state, batch, rng, step):
         if grad_accum_steps == 1:
-            (loss, metrics), grads = grad_fn(params, batch, rng)
-            return loss, metrics, grads
+            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng, step)
+            return loss, metrics, grads, model_state
         k = grad_accum_steps
         # Microbatch i takes rows i, i+k, ... so every device holds a slice of each.
         micro = jax.tree.map(
             lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
         first = jax.tree.map(lambda x: x[0], micro)
+        (loss_shape, (metrics_shape, _)), grads_shape = jax.eval_shape(
+            grad_fn, params, model_state, first, rng, step)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(grad_fn, params, first, rng))
+                             (loss_shape, metrics_shape, grads_shape))
 
         def accumulate(carry, inputs):
+            summed, model_state = carry
             index, microbatch = inputs
-            out = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
-            return jax.tree.map(jnp.add, carry, out), None
+            (loss, (metrics, model_state)), grads = grad_fn(
+                params, model_state, microbatch, jax.random.fold_in(rng, index), step)
+            summed = jax.tree.map(jnp.add, summed, (loss, metrics, grads))
+            return (summed, model_state), None
 
-        summed, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-        (loss, metrics), grads = jax.tree.map(lambda x: x / k, summed)
-        return loss, metrics, grads
+        (summed, model_state), _ = jax.lax.scan(
+            accumulate, (zeros, model_state), (jnp.arange(k), micro))
+        loss, metrics, grads = jax.tree.map(lambda x: x / k, summed)
+        return loss, metrics, grads, model_state
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, metrics, grads = compute_grads(state.params, batch, rng)
+        loss, metrics, grads, model_state = compute_grads(
+            state.params, state.model_state, batch, rng, state.step)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -175,6 +190,7 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
         new_state = state.replace(
             step=state.step + 1, params=params,
             opt_state=keep_if_finite(new_opt_state, state.opt_state), ema_params=ema,
+            model_state=keep_if_finite(model_state, state.model_state),
             nonfinite_total=state.nonfinite_total + nonfinite,
             nonfinite_streak=(state.nonfinite_streak + 1) * nonfinite)
         # Skipped steps do not advance the optimizer's own count, hence its schedule.

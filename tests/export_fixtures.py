@@ -115,6 +115,7 @@ def write_workdir(path, config, steps=(5,), seed=0, *, train_state=False) -> dic
                 opt_state=tx.init(params),
                 rng=np.zeros(2, np.uint32),
                 ema_params={},
+                model_state={},
                 nonfinite_total=np.zeros((), np.int32),
                 nonfinite_streak=np.zeros((), np.int32),
             )
