@@ -11,12 +11,13 @@ import functools
 
 import jax
 
-from mimjax.objectives import classification, masked_reconstruction, mcr
+from mimjax.objectives import classification, masked_reconstruction, mcr, subclass_segmentation
 
 OBJECTIVES = {
     "masked_reconstruction": masked_reconstruction.loss_fn,
     "classification": classification.loss_fn,
     "mcr": mcr.loss_fn,
+    "subclass_segmentation": subclass_segmentation.loss_fn,
 }
 
 
