@@ -205,7 +205,7 @@ def _existing_shards(out_dir: str, name: str) -> list[str]:
 
 
 def write_shards(
-    records: Iterable[tuple[np.ndarray, dict]],
+    records: Iterable[tuple[np.ndarray, dict] | tuple[np.ndarray, dict, dict]],
     out_dir: str,
     name: str,
     num_shards: int,
@@ -213,7 +213,8 @@ def write_shards(
     overwrite: bool = False,
     compression: str = "uncompressed",
 ) -> list[str]:
-    """Writes (image, meta) records to `num_shards` ArrayRecord files.
+    """Writes (image, meta) or (image, meta, extras) records to `num_shards`
+    ArrayRecord files (extras: named masks, as `encode_record` takes them).
 
     Records are distributed round-robin (record i goes to shard i % num_shards,
     position i // num_shards), which works for a stream of unknown length and
@@ -262,8 +263,8 @@ def write_shards(
         for p in tmp:
             writers.append(array_record_module.ArrayRecordWriter(p, options))
         count = 0
-        for i, (image, meta) in enumerate(records):
-            writers[i % num_shards].write(encode_record(image, meta))
+        for i, record in enumerate(records):
+            writers[i % num_shards].write(encode_record(*record))
             count += 1
         if count == 0:
             raise ValueError("write_shards got no records")

@@ -8,7 +8,8 @@ renderer: no grain, no JAX, no TFDS. For the same reason a declaration names
 its render function as "module:function", imported only when rendering.
 
 Adding a phantom: a module with a module-level `render(index, seed, size) ->
-(image, meta)` (spawned workers pickle it by name), then one line in PHANTOMS.
+(image, meta)` or `(image, meta, {name: mask})` (spawned workers pickle it by
+name), then one line in PHANTOMS.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def _init_render_worker() -> None:
 
 
 def _render(args):
-    # Module-level so a spawned pool can pickle it.
+    # Module-level so a spawned pool can pickle it. (image, meta) or, for
+    # phantoms with masks, (image, meta, {name: mask}): records.write_shards takes both.
     render_fn, index, seed, size = args
-    image, labels = render_fn(index, seed, size)
-    return image, labels
+    return render_fn(index, seed, size)
 
 
 def ensure_rendered_dataset(
@@ -168,6 +169,20 @@ PHANTOMS: dict[str, Phantom] = {
             shard_prefix="cxr",
             min_size=32,
             parallel_from=256,
+        ),
+        Phantom(
+            "cardiac_phantom",
+            "input_pipeline.cardiac_phantom:render_cardiac",
+            "cardiac cine-MRI phantom",
+            min_size=64,
+            parallel_from=2048,
+        ),
+        Phantom(
+            "brain_phantom",
+            "input_pipeline.brain_phantom:render_brain",
+            "brain tumour MRI phantom",
+            min_size=64,
+            parallel_from=1024,
         ),
     )
 }

@@ -20,7 +20,10 @@ Splits ("train", "val", "test", or None = every record of the layout):
                read whole: its test split must stay unseen).
   shards       None and "train" are every record; "val" / "test" are refused.
   phantoms     the records `phantom_split_indices` gives the split with
-               `data.phantom_split`; None = every record.
+               `data.phantom_split`; None = every record. Phantoms whose
+               records name their patient (meta "patient": the cardiac and
+               brain phantoms, one record per slice) are split by patient
+               instead, so no patient's slices are in two splits.
   tfds         `data.tfds.splits[split]`, in TFDS slicing syntax; None refused.
 
 Pretraining reads `pretrain_split(data_cfg)`: `data.split` when set, else the
@@ -158,10 +161,32 @@ def _open_phantom(name: str, cfg: Any, split: str | None) -> RecordSource:
     if split is None:
         return full
     fractions = tuple(_get(cfg, "phantom_split", (0.8, 0.1, 0.1)))
-    return full.subset(
-        phantom_split_indices(len(full), fractions, split),
-        where=f"the {phantom.what} ({len(full)} records, phantom_split={fractions})",
-    )
+    patients = _record_patients(full)
+    if patients is None:
+        indices = phantom_split_indices(len(full), fractions, split)
+        what = f"{len(full)} records"
+    else:
+        names, of_record = np.unique(patients, return_inverse=True)
+        chosen = phantom_split_indices(len(names), fractions, split)
+        indices = np.flatnonzero(np.isin(of_record, chosen))
+        what = f"{len(full)} records of {len(names)} patients, split by patient"
+    return full.subset(indices, where=f"the {phantom.what} ({what}, phantom_split={fractions})")
+
+
+_PATIENTS_CACHE: dict[tuple, np.ndarray | None] = {}
+
+
+def _record_patients(src: RecordSource) -> np.ndarray | None:
+    """meta "patient" of every record, or None when the records carry none (the
+    first record decides). Read once per set of shards: a phantom's shards never
+    change under the same paths (its folder name holds its settings)."""
+    key = tuple(src.paths or ())
+    if key not in _PATIENTS_CACHE:
+        patients = None
+        if "patient" in src.meta(0):
+            patients = np.asarray([str(src.meta(i)["patient"]) for i in range(len(src))])
+        _PATIENTS_CACHE[key] = patients
+    return _PATIENTS_CACHE[key]
 
 
 def _phantom_root(name: str, cfg: Any) -> str:

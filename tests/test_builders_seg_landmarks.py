@@ -476,6 +476,7 @@ def test_acdc_prepare_data_end_to_end(tmp_path):
             assert meta["split"] == split and meta["superclass"] == "heart"
             assert meta["classes"] == ["background", "rv", "myocardium", "lv"]
             assert meta["phase"] in ("ED", "ES") and meta["spacing"] == [0.75, 0.75]
+            assert meta["slice_spacing"] == 8.0  # the NIfTI's slice axis, for 3-D metrics
             # Labels survive resizing unblended, and the mask stays on its image:
             # the fake image is brighter where the label is higher.
             assert set(np.unique(mask)) == {0, 1, 2, 3}

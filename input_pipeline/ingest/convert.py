@@ -43,6 +43,7 @@ FRAME_ATTRS = frozenset(
 TECHNICAL_KEYS = FRAME_ATTRS | {
     "bits_stored",
     "spacing",
+    "slice_spacing",
     "geometry",
     "patient",
     "split",
@@ -146,6 +147,8 @@ def _convert_row(task: RowTask) -> tuple[list[bytes], list[dict]]:
             source_id=task.source_id,
             source_index=frame.index,
         )
+        if frame.slice_spacing is not None:  # mm between slices: 3-D metrics of volumes
+            meta["slice_spacing"] = float(frame.slice_spacing)
         if row.channel_paths:
             meta["channels"] = list(row.channel_names)
         if row.report is not None:
