@@ -13,9 +13,9 @@ Two steps, usable separately:
      the image size differs; fixed sin-cos tables are not parameters (each model
      builds its own for its size); a learned table that the checkpoint lacks
      (sin-cos pretraining) starts from the sin-cos table the encoder was trained with;
-   - the patch embedding is adapted between 1 and 3 input channels: 1 -> 3 repeats
-     the kernel over channels / 3 (a gray image replicated to RGB gives the
-     pretrained features), 3 -> 1 sums over channels;
+   - the patch embedding is adapted between 1 and C input channels: 1 -> C repeats
+     the kernel over channels / C (a gray image replicated to RGB, or to BraTS' four
+     sequences, gives the pretrained features), C -> 1 sums over channels;
    - stacked (`scan=True`) and unrolled blocks convert into each other.
    Everything else must match in shape: a mismatch raises ValueError naming the
    parameter, both shapes and the likely cause. Parameters the checkpoint lacks stay
@@ -180,16 +180,38 @@ def resample_posemb(table: np.ndarray, num_tokens: int, method: str = "bicubic")
     return np.concatenate([table[:, :prefix].astype(np.float32), resized], axis=1)
 
 
-def adapt_patch_kernel(kernel: np.ndarray, target_rows: int) -> np.ndarray:
-    """(p*p*C_src, D) -> (p*p*C_dst, D) for C in {1, 3}; rows are patchify's
-    (row, col, channel) order. 1 -> 3 repeats / 3, 3 -> 1 sums over channels."""
+# Rows alone cannot tell a channel change from a patch-size change (8x8x1 has as many
+# rows as 4x4x4). The model's own channel count settles it: a C-channel model takes a
+# one-channel kernel with rows / C; a one-channel model takes an RGB kernel (3x rows).
+# Without the count only RGB <-> gray is assumed, as before.
+def patch_kernel_channels(
+    source_rows: int, target_rows: int, target_channels: int | None = None
+) -> tuple[int, int]:
+    """(source, target) channels of a 1 <-> C patch-kernel change (rows are p*p*C);
+    raises ValueError for anything else, e.g. a different patch size."""
+    if target_channels is not None and target_channels > 1:
+        if source_rows * target_channels == target_rows:
+            return 1, target_channels
+    elif target_channels is None and target_rows == 3 * source_rows:
+        return 1, 3
+    elif source_rows == 3 * target_rows:
+        return 3, 1
+    raise ValueError("not a 1 <-> C channel change")
+
+
+def adapt_patch_kernel(
+    kernel: np.ndarray, target_rows: int, target_channels: int | None = None
+) -> np.ndarray:
+    """(p*p*C_src, D) -> (p*p*C_dst, D) between 1 and C channels; rows are patchify's
+    (row, col, channel) order. 1 -> C repeats / C (a gray image replicated to C
+    channels gives the pretrained features; e.g. RGB or BraTS' four sequences),
+    C -> 1 sums over channels."""
     kernel = np.asarray(kernel)
     rows, width = kernel.shape
-    if target_rows == 3 * rows:
-        return np.repeat(kernel[:, None, :], 3, axis=1).reshape(target_rows, width) / 3
-    if rows == 3 * target_rows:
-        return kernel.reshape(target_rows, 3, width).sum(axis=1)
-    raise ValueError("not a 1 <-> 3 channel change")
+    source, target = patch_kernel_channels(rows, target_rows, target_channels)
+    if source == 1:
+        return np.repeat(kernel[:, None, :], target, axis=1).reshape(target_rows, width) / target
+    return kernel.reshape(target_rows, source, width).sum(axis=1)
 
 
 def _mismatch(name: str, source_shape, target_shape, why: str) -> ValueError:
@@ -211,13 +233,16 @@ def _why(src: dict[str, Any], tgt: dict[str, Any], name: str) -> str:
         return "different MLP size: set model.mlp_dim to the checkpoint's"
     if name == "patch_embed/kernel":
         return (
-            "different patch size (and/or channels other than 1 <-> 3): set "
+            "different patch size (and/or a channel change other than 1 <-> C): set "
             "model.variant's patch size to the checkpoint's"
         )
     return "the checkpoint was made with a different model configuration"
 
 
-def _adapt_encoder(src: dict[str, Any], tgt: dict[str, Any], report: TransferReport):
+def _adapt_encoder(
+    src: dict[str, Any], tgt: dict[str, Any], report: TransferReport,
+    target_channels: int | None,
+):
     """Returns {encoder path: new value}; records into `report` (paths prefixed)."""
     out: dict[str, Any] = {}
     src_layout, tgt_layout = param_tree.block_layout(src), param_tree.block_layout(tgt)
@@ -259,10 +284,10 @@ def _adapt_encoder(src: dict[str, Any], tgt: dict[str, Any], report: TransferRep
                 )
             elif name == "patch_embed/kernel" and sshape[-1] == tshape[-1]:
                 try:
-                    value = adapt_patch_kernel(value, tshape[0])
+                    value = adapt_patch_kernel(value, tshape[0], target_channels)
                 except ValueError:
                     raise _mismatch(full, sshape, tshape, _why(src, tgt, name)) from None
-                channels = (1, 3) if tshape[0] > sshape[0] else (3, 1)
+                channels = patch_kernel_channels(sshape[0], tshape[0], target_channels)
                 report.adapted.append(f"{full}: {channels[0]} -> {channels[1]} input channels")
             else:
                 raise _mismatch(full, sshape, tshape, _why(src, tgt, name))
@@ -272,7 +297,9 @@ def _adapt_encoder(src: dict[str, Any], tgt: dict[str, Any], report: TransferRep
     return out
 
 
-def apply_pretrained(target_params: dict, pretrained: dict) -> tuple[dict, TransferReport]:
+def apply_pretrained(
+    target_params: dict, pretrained: dict, *, target_channels: int | None = None
+) -> tuple[dict, TransferReport]:
     """Copies a pretrained encoder into `target_params` (see the module docstring).
 
     target_params: the model's initialised parameters (pure dict with an `encoder`
@@ -281,6 +308,8 @@ def apply_pretrained(target_params: dict, pretrained: dict) -> tuple[dict, Trans
     structure and dtypes, report); copied entries are host numpy arrays. The target may
     be abstract (`jax.ShapeDtypeStruct` leaves, e.g. from `jax.eval_shape`): the checks
     need only shapes, and missing entries then stay abstract for the caller to fill.
+    target_channels: the model's input channels, when known; it tells a channel change
+    of the patch embedding from a patch-size mismatch (see `patch_kernel_channels`).
     """
     if "encoder" not in target_params:
         raise ValueError(
@@ -297,7 +326,7 @@ def apply_pretrained(target_params: dict, pretrained: dict) -> tuple[dict, Trans
     report = TransferReport()
     encoder = _adapt_encoder(
         param_tree.flatten_leaves(pretrained["encoder"]),
-        param_tree.flatten_leaves(target_params["encoder"]), report
+        param_tree.flatten_leaves(target_params["encoder"]), report, target_channels
     )
     if not report.loaded:
         raise ValueError("No pretrained encoder parameter matched the model's by name.")
@@ -317,11 +346,13 @@ def apply_pretrained(target_params: dict, pretrained: dict) -> tuple[dict, Trans
 
 
 def init_from_checkpoint(
-    target_params: dict, path: str, step: int | None = None, *, use_ema: bool = False
+    target_params: dict, path: str, step: int | None = None, *, use_ema: bool = False,
+    target_channels: int | None = None,
 ) -> tuple[dict, TransferReport]:
     """`load_pretrained_params` then `apply_pretrained`; logs the report's summary."""
     pretrained, info = load_pretrained_params(path, step, use_ema=use_ema)
-    params, report = apply_pretrained(target_params, pretrained)
+    params, report = apply_pretrained(
+        target_params, pretrained, target_channels=target_channels)
     report.source = info
     log.info("Pretrained encoder: %s", report.summary())
     return params, report

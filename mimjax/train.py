@@ -102,7 +102,8 @@ def init_from_pretrained(config, state: TrainState, abstract_state, shardings) -
     optimizer state stay as initialised (zero Adam moments suit any parameters)."""
     loaded, _ = pretrained.init_from_checkpoint(
         abstract_state.params, config.init, config.get("init_step", None),
-        use_ema=bool(config.get("init_use_ema", False)))
+        use_ema=bool(config.get("init_use_ema", False)),
+        target_channels=config.model.get("channels", None))
 
     def place(new, current, target_sharding):
         if isinstance(new, jax.ShapeDtypeStruct):  # not in the checkpoint

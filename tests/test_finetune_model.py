@@ -198,12 +198,18 @@ def test_sincos_checkpoint_into_learned_posemb_starts_from_the_table():
     assert any("sin-cos" in a for a in report.adapted)
 
 
-@pytest.mark.parametrize("source_channels,target_channels", [(1, 3), (3, 1)])
-def test_patch_embedding_channel_adaptation(source_channels, target_channels):
+@pytest.mark.parametrize(
+    "source_channels,target_channels,known",
+    # without the model's channel count only gray <-> RGB is assumed
+    [(1, 3, False), (3, 1, False), (3, 1, True), (1, 4, True), (1, 6, True)],
+)
+def test_patch_embedding_channel_adaptation(source_channels, target_channels, known):
     source_cfg = classifier_config(channels=source_channels)
     target_cfg = classifier_config(channels=target_channels)
     source = init_params(source_cfg)
-    loaded, report = pretrained.apply_pretrained(init_params(target_cfg, seed=1), source)
+    loaded, report = pretrained.apply_pretrained(
+        init_params(target_cfg, seed=1), source,
+        target_channels=target_channels if known else None)
     assert f"{source_channels} -> {target_channels} input channels" in " ".join(report.adapted)
     gray = images(channels=1)
     as_input = lambda channels: jnp.repeat(gray, channels, axis=-1)
@@ -251,7 +257,8 @@ def test_shape_mismatch_names_the_parameter_and_the_cause():
     with pytest.raises(ValueError, match=r"'encoder/transformer/blocks/0/mlp/fc1/\w+'.*MLP size"):
         pretrained.apply_pretrained(abstract_params(classifier_config(mlp_dim=256)), source)
     with pytest.raises(ValueError, match="'encoder/patch_embed/kernel'.*patch size"):
-        pretrained.apply_pretrained(abstract_params(classifier_config(variant="Ti/4")), source)
+        pretrained.apply_pretrained(
+            abstract_params(classifier_config(variant="Ti/4")), source, target_channels=1)
     with pytest.raises(ValueError, match="2 blocks, the model 3"):
         pretrained.apply_pretrained(abstract_params(classifier_config(depth=3)), source)
 

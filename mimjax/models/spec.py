@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mimjax.models import build_model
@@ -74,7 +75,9 @@ class ModelSpec:
             raise ValueError("this model keeps batch statistics (model state); bind it with "
                              "the run's model_state as well as its parameters.")
         stats = jax.tree.map(lambda x: x, self.abstract_model_state)
-        nnx.replace_by_pure_dict(stats, model_state)
+        # jnp copies: an eager training forward updates the statistics in place, which
+        # must never write into the caller's (e.g. numpy) arrays.
+        nnx.replace_by_pure_dict(stats, jax.tree.map(jnp.asarray, model_state))
         return nnx.merge(self.graphdef, state, stats)
 
     @staticmethod
