@@ -2,10 +2,10 @@
 
 from flax import nnx
 
-from mimjax.models import classifier, mae, mcr
+from mimjax.models import classifier, mae, mcr, segmenter
 
 _BUILDERS = {"mae": mae.build_mae, "vit_classifier": classifier.build_classifier,
-             "mcr": mcr.build_mcr}
+             "mcr": mcr.build_mcr, "segmenter": segmenter.build_segmenter}
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -234,25 +234,52 @@ class Transformer(nnx.Module):
         """`rng` (training only) enables drop path when `cfg.drop_path_rate` > 0.
         `mask` (B, N), optional: 1 for real tokens, 0 for padding that no token may
         attend to (text); None attends to every token."""
+        return self._apply(x, rng, mask)
+
+    def with_hidden_states(self, x: jax.Array, taps, rng: jax.Array | None = None,
+                           mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+        """`__call__`'s output and the outputs of the blocks numbered in `taps` (1-based:
+        tap t is the residual stream after t blocks, as UNETR's z_t), in `taps`' order.
+        Scanned stacks return every layer's output from the scan and pick the taps."""
+        taps, depth = tuple(taps), self.cfg.depth
+        if not all(isinstance(t, int | np.integer) and 1 <= t <= depth for t in taps):
+            raise ValueError(f"transformer taps must be block numbers in 1..{depth} "
+                             f"(1-based), got {list(taps)}.")
+        out, hidden = self._apply(x, rng, mask, collect=True)
+        return out, [hidden[t - 1] for t in taps]
+
+    def _apply(self, x, rng, mask, collect=False):
         cfg = self.cfg
         if rng is None or cfg.drop_path_rate == 0.0:
-            return self._run(x, lambda block, h: block(h, mask=mask))
+            return self._run(x, lambda block, h: block(h, mask=mask), collect=collect)
         # One key and one rate per block, scanned alongside the stacked layers.
         per_block = (jax.random.split(rng, cfg.depth), jnp.asarray(cfg.drop_path_rates()))
         return self._run(x, lambda block, h, key, rate: block(h, key, rate, mask=mask),
-                         per_block)
+                         per_block, collect=collect)
 
-    def _run(self, x, apply, per_block=()):
+    def _run(self, x, apply, per_block=(), collect=False):
+        """The stack's output; with `collect`, also every block's output (a list, or
+        an array with a leading layer axis when scanned)."""
         if self.cfg.remat:
             apply = nnx.remat(apply)
         if self.cfg.scan:
-            @nnx.scan(in_axes=(nnx.Carry, 0) + (0,) * len(per_block), out_axes=nnx.Carry)
+            in_axes = (nnx.Carry, 0) + (0,) * len(per_block)
+            if collect:
+                @nnx.scan(in_axes=in_axes, out_axes=(nnx.Carry, 0))
+                def run_collecting(h, block, *block_args):
+                    h = apply(block, h, *block_args)
+                    return h, h
+                return run_collecting(x, self.blocks, *per_block)
+
+            @nnx.scan(in_axes=in_axes, out_axes=nnx.Carry)
             def run(h, block, *block_args):
                 return apply(block, h, *block_args)
             return run(x, self.blocks, *per_block)
+        hidden = []
         for i, block in enumerate(self.blocks):
             x = apply(block, x, *(arg[i] for arg in per_block))
-        return x
+            hidden.append(x)
+        return (x, hidden) if collect else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +287,7 @@ class ViTConfig:
     transformer: TransformerConfig
     patch_size: int
     image_size: int
-    channels: int = 1
+    channels: int = 1  # 1 gray, 3 RGB, or any other count (4 for BraTS' MRI sequences)
     posemb: str = "sincos2d"  # or "learn"
     class_token: bool = True
 
@@ -270,8 +297,8 @@ class ViTConfig:
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}.")
         if self.posemb not in ("sincos2d", "learn"):
             raise ValueError(f"posemb must be 'sincos2d' or 'learn', got {self.posemb!r}.")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}.")
+        if not isinstance(self.channels, int | np.integer) or self.channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {self.channels!r}.")
 
     @property
     def grid_size(self) -> int:
@@ -311,8 +338,10 @@ class ViTEncoder(nnx.Module):
     """Patch embedding + position embedding (+ class token) + transformer + final norm.
 
     `__call__(images)` encodes every patch; `encode_visible(images, keep_ids)` encodes
-    only the patches listed in `keep_ids` (B, K) — the MAE encoder path. Either takes
-    an optional `rng`: given (training), drop path is active (if configured).
+    only the patches listed in `keep_ids` (B, K) — the MAE encoder path;
+    `encode_with_taps(images, taps)` also returns intermediate blocks' outputs (the
+    dense decoders' skips). Each takes an optional `rng`: given (training), drop path
+    is active (if configured).
     """
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
@@ -346,13 +375,31 @@ class ViTEncoder(nnx.Module):
         tokens = self.patch_embed(patchify(images.astype(cfg.transformer.dtype), cfg.patch_size))
         return tokens + self.position_embeddings().astype(tokens.dtype)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in the output (the class token, if any)."""
+        return int(self.cfg.class_token)
+
+    def _with_class_token(self, tokens: jax.Array) -> jax.Array:
+        if not self.cfg.class_token:
+            return tokens
+        cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype),
+                               (tokens.shape[0], 1, tokens.shape[-1]))
+        return jnp.concatenate([cls, tokens], axis=1)
+
     def encode_tokens(self, tokens: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """Prepends the class token (if any), runs the transformer and the final norm."""
-        if self.cfg.class_token:
-            cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype),
-                                   (tokens.shape[0], 1, tokens.shape[-1]))
-            tokens = jnp.concatenate([cls, tokens], axis=1)
-        return self.norm(self.transformer(tokens, rng))
+        return self.norm(self.transformer(self._with_class_token(tokens), rng))
+
+    def encode_with_taps(self, images: jax.Array, taps,
+                         rng: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+        """(B, H, W, C) -> (`__call__`'s tokens, [output of block t for t in `taps`]).
+
+        Taps are 1-based block numbers; each is the residual stream after that block,
+        (B, [1 +] N, D), before the final norm (UNETR reads its skips this way)."""
+        tokens = self._with_class_token(self.embed_patches(images))
+        out, hidden = self.transformer.with_hidden_states(tokens, taps, rng)
+        return self.norm(out), hidden
 
     def encode_visible(self, images: jax.Array, keep_ids: jax.Array,
                        rng: jax.Array | None = None) -> jax.Array:
