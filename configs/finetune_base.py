@@ -16,7 +16,12 @@ what is new:
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs.pretrain_base import pretrain_defaults
+from configs.pretrain_base import (
+    pretrain_defaults,
+    use_fast_test_loop,
+    use_tiny_encoder,
+    use_vit_b16,
+)
 from input_pipeline.finetune import default_finetune_data_config
 
 
@@ -87,26 +92,18 @@ def finetune_defaults(
 def apply_size(c, arg) -> ml_collections.ConfigDict:
     """`tiny` (tests: demo:tiny's encoder, seconds) or a prepared CBIS-DDSM directory."""
     if arg == "tiny":
-        m = c.model
-        m.width, m.depth, m.num_heads, m.mlp_dim = 64, 2, 4, 128
-        m.image_size = 32
+        use_tiny_encoder(c.model)
+        c.model.image_size = 32
         c.data.phantom_num_images, c.data.phantom_size = 48, 128
-        c.data.num_workers = 0
-        c.global_batch_size = 8
-        c.eval_batch_size = 8
-        c.total_steps, c.warmup_steps = 8, 2
-        c.log_every, c.eval_every, c.checkpoint_every = 1, 4, 4
-        c.peak_tflops_per_device = 0.1  # skip the start-up matmul measurement
+        use_fast_test_loop(c, batch=8, steps=8, every=4)
     elif arg:
         # Paper scale: a tools/prepare_data.py output root with train/ val/ test/.
         c.data.source = "prepared"
         c.data.dir = arg
         c.data.roi_context = 0.0  # the cbis_ddsm builder's records already are lesion crops
         c.data.num_workers = 8
-        c.model.variant = "B/16"
-        c.model.width = c.model.depth = c.model.num_heads = None
+        use_vit_b16(c.model)
         c.model.image_size = 224
-        c.model.dtype = "bfloat16"
         c.optimizer.layer_decay = 0.65
         c.global_batch_size = 256
         c.total_steps, c.warmup_steps = None, None

@@ -66,3 +66,25 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.peak_tflops_per_device = placeholder(float)   # None = measure a matmul at start-up (for MFU)
     return c
+
+
+def use_vit_b16(model) -> None:
+    """Paper scale: ViT-B/16 (the variant's width, depth and heads), bf16 compute."""
+    model.variant = "B/16"
+    model.width = model.depth = model.num_heads = None
+    model.dtype = "bfloat16"
+
+
+def use_tiny_encoder(model) -> None:
+    """The test suite's encoder: width 64, 2 blocks, 4 heads, MLP 128."""
+    model.width, model.depth, model.num_heads, model.mlp_dim = 64, 2, 4, 128
+
+
+def use_fast_test_loop(c, *, batch: int, steps: int, every: int) -> None:
+    """Seconds-long loops for the test suite: tiny batches, logs every step, no
+    data workers, no start-up matmul measurement."""
+    c.data.num_workers = 0
+    c.global_batch_size = c.eval_batch_size = batch
+    c.total_steps, c.warmup_steps = steps, 2
+    c.log_every, c.eval_every, c.checkpoint_every = 1, every, every
+    c.peak_tflops_per_device = 0.1

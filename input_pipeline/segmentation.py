@@ -64,6 +64,7 @@ default_segmentation_data_config).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import threading
@@ -127,6 +128,9 @@ def default_segmentation_data_config() -> ml_collections.ConfigDict:
     # Labelled rows in every global batch (the official TwoStreamBatchSampler's
     # labeled_bs); None = half the batch. Ignored when every patient is labelled.
     c.labeled_per_batch = ml_collections.FieldReference(None, field_type=int)
+    # False: train only on the patients that keep fine masks, the superclass-only
+    # patients left out altogether (the "few fine labels and nothing else" baseline).
+    c.use_coarse_only = True
     c.hierarchical_mix = True  # HierarchicalMix on coarse-only rows
     # Geometric augmentation (one affine moves image and masks together).
     c.zoom = (0.9, 1.25)  # log-uniform, > 1 zooms in (a random crop)
@@ -591,6 +595,8 @@ def plan_training(data_cfg: Any, *, global_batch_size: int, split: str = "train"
         _get(data_cfg, "fine_label_patients", None),
         int(_get(data_cfg, "fine_label_seed", 0)),
     )
+    if not _get(data_cfg, "use_coarse_only", True):
+        subset = dataclasses.replace(subset, unlabelled=subset.unlabelled[:0])
     if _get(data_cfg, "hierarchical_mix", True) and len(subset.unlabelled) and len(subset.labelled):
         if len(subset.donors) == 0:
             raise SegmentationDataError(

@@ -7,8 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from mimjax import run_config, tasks
-from mimjax.drivers import experiment
+from mimjax import drivers, run_config, tasks
 from mimjax.models import build_model
 from mimjax.models.spec import ModelSpec
 
@@ -38,8 +37,7 @@ def test_config_documents_command_time_result_and_builds(name):
     for arg in args:
         config = module.get_config(arg)
         run_config.check(config)
-        if config.get("driver", None) == "experiment":
-            experiment.check_experiment(config)
+        if drivers.check(config):  # a multi-run experiment: checked as a whole
             continue
         tasks.for_config(config)
         ModelSpec.from_config(config.model)  # builds (abstractly)

@@ -271,6 +271,13 @@ def test_full_supervision_and_superclass_only(cfg):
     batch = take(iter(_train(cfg)), 1)[0]
     assert not batch["has_fine"].any() and not batch["mix_alpha"].any()
     assert batch["label_coarse"].any()
+    # The few fine patients and nothing else: every row from them, all labelled.
+    cfg.update(fine_label_patients=2, labeled_per_batch=None, use_coarse_only=False)
+    plan = segmentation.plan_training(cfg, global_batch_size=BATCH)
+    assert len(plan.subset.unlabelled) == 0 and plan.labelled_rows == BATCH
+    batch = take(iter(_train(cfg)), 1)[0]
+    assert batch["has_fine"].all() and not batch["mix_alpha"].any()
+    assert set(plan.index.patients[batch["index"]]) <= set(plan.subset.patients)
 
 
 # ---------------------------------------------------------------- batches

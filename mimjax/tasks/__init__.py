@@ -11,9 +11,11 @@ from mimjax.tasks.base import Task, TrainData
 from mimjax.tasks.classification import ClassificationTask
 from mimjax.tasks.image_text import ImageTextTask
 from mimjax.tasks.pretrain import PretrainTask
+from mimjax.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (PretrainTask, ClassificationTask, ImageTextTask)
+    task.name: task
+    for task in (PretrainTask, ClassificationTask, ImageTextTask, SegmentationTask)
 }
 DEFAULT_TASK = PretrainTask.name  # configs without a `task` field pretrain
 
