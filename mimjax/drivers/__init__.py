@@ -2,7 +2,9 @@
 
 `config.driver` picks one (default "train": one run to total_steps, then its
 end-of-run evals). "experiment" pretrains, fine-tunes and probes several arms and
-tabulates them (mimjax.drivers.experiment). main.py and the tools are the only
+tabulates them (mimjax.drivers.experiment); "segmentation_arms" trains segmentation
+arms on one budget and tabulates per-volume test metrics with paired bootstrap
+intervals (mimjax.drivers.segmentation_arms). main.py and the tools are the only
 importers of this package.
 """
 
@@ -17,8 +19,30 @@ from mimjax.run_config import ConfigError
 DRIVERS = {
     "train": "mimjax.train:train_and_evaluate",
     "experiment": "mimjax.drivers.experiment:run_experiment",
+    "segmentation_arms": "mimjax.drivers.segmentation_arms:run_experiment",
 }
 DEFAULT_DRIVER = "train"
+# drivers that run several configs: their whole-experiment check (every run config
+# and cross-reference), for tests and tools that check configs without running them
+CHECKS = {
+    "experiment": "mimjax.drivers.experiment:check_experiment",
+    "segmentation_arms": "mimjax.drivers.segmentation_arms:check_arms",
+}
+
+
+def _load(target: str):
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def check(config) -> bool:
+    """Runs the driver's whole-experiment check; False for single-run drivers (check
+    those with run_config.check and the task's checks)."""
+    name = config.get("driver", DEFAULT_DRIVER)
+    if name in CHECKS:
+        _load(CHECKS[name])(config)
+        return True
+    return False
 
 
 def run(config, workdir: str):
@@ -26,5 +50,4 @@ def run(config, workdir: str):
     name = config.get("driver", DEFAULT_DRIVER)
     if name not in DRIVERS:
         raise ConfigError(f"config.driver must be one of {sorted(DRIVERS)}, got {name!r}.")
-    module, _, function = DRIVERS[name].partition(":")
-    return getattr(importlib.import_module(module), function)(config, workdir)
+    return _load(DRIVERS[name])(config, workdir)

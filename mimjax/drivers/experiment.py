@@ -23,7 +23,6 @@ results.md and the log.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -33,7 +32,8 @@ import jax
 import numpy as np
 
 from mimjax import pretrained as pretrained_lib
-from mimjax import run_config, tasks, train
+from mimjax import run_config, train
+from mimjax.drivers import common
 from mimjax.evaluators import bootstrap, linear_probe, probe_hooks
 from mimjax.models.spec import ModelSpec
 
@@ -80,7 +80,8 @@ def _encoder_params(task_cfg, spec, init_dir: str | None, seed: int) -> dict:
     fresh = spec.init_params(task_cfg.model, jax.random.PRNGKey(seed))
     if init_dir is None:
         return fresh
-    loaded, _ = pretrained_lib.init_from_checkpoint(fresh, init_dir)
+    loaded, _ = pretrained_lib.init_from_checkpoint(
+        fresh, init_dir, target_channels=task_cfg.model.get("channels", None))
     return jax.tree.map(np.asarray, loaded)
 
 
@@ -162,37 +163,15 @@ def results_table(config, finetuned: dict, probed: dict) -> list[dict]:
     return rows
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
-
-
-def to_markdown(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [_cell(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_table(rows: list[dict], workdir: str, differences: list[dict] = ()) -> str:
     """results.csv, probe_differences.csv and results.md (both tables); returns the
     Markdown."""
-    _write_csv(rows, os.path.join(workdir, "results.csv"))
-    markdown = to_markdown(rows)
+    common.write_csv(rows, os.path.join(workdir, "results.csv"))
+    markdown = common.to_markdown(rows)
     if differences:
-        _write_csv(list(differences), os.path.join(workdir, "probe_differences.csv"))
+        common.write_csv(list(differences), os.path.join(workdir, "probe_differences.csv"))
         markdown += ("\nProbe macro-AUC differences (test split, paired bootstrap 95% "
-                     "interval):\n\n" + to_markdown(list(differences)))
+                     "interval):\n\n" + common.to_markdown(list(differences)))
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(markdown)
     return markdown
@@ -207,12 +186,7 @@ def check_experiment(config) -> None:
             "not list; add them to arms or remove them.")
     sections = [(f"pretrain.{arm}", c) for arm, c in config.pretrain.items()]
     sections += [(f"finetune.{task}", c) for task, c in config.finetune.items()]
-    for name, section in sections:
-        try:
-            run_config.check(section)
-            tasks.for_config(section)
-        except run_config.ConfigError as error:
-            raise run_config.ConfigError(f"config.{name}: {error}") from None
+    common.check_sections(sections)
 
 
 def run_experiment(config, workdir: str) -> list[dict]:
