@@ -219,11 +219,11 @@ def check_params(params: dict, config) -> None:
     config = resolve_config(config)
     flat = tree.flatten(params)
     model_cfg = _model_config(config, None)
-    if tree.kind_of(flat) == "encoder":
+    if all(name.startswith("encoder/") for name in flat):  # an encoder alone (imports)
         build = lambda: _EncoderOnly(vit.vit_config_from(model_cfg), rngs=nnx.Rngs(0))
     else:
         build = lambda: build_model(model_cfg, rngs=nnx.Rngs(0))
-    _fit_params(flat, nnx.split(nnx.eval_shape(build), nnx.Param)[1])
+    _fit_params(flat, nnx.state(nnx.eval_shape(build), nnx.Param))  # model state aside
 
 
 class _EncoderOnly(nnx.Module):

@@ -226,3 +226,22 @@ def test_cli_config_overrides(miram, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: config.model has no field 'layer_norm_epsilon'; did you mean")
     assert "config.model.layer_norm_eps" in err and err.count("\n") == 1
+
+
+def test_segmentation_checkpoint_exports_its_encoder(tmp_path):
+    """A segmenter's encoder exports like any other; its decoder and head stay in mimjax
+    (the exported ViTModel computes the segmenter's encoder tokens)."""
+    config = tiny_config("segmenter", backbone="vit", decoder="progressive", norm="batch",
+                         separate_norm=False, prior_concat=False, fine_to_coarse=(0, 1, 1, 1))
+    del config.model["head"], config.model["num_classes"], config.model["head_init_std"]
+    del config.finetune
+    config.objectives = {"subclass_segmentation": {"weight": 1.0}}
+    write_workdir(tmp_path / "seg", config)
+    record = convert.export_checkpoint(str(tmp_path / "seg"), str(tmp_path / "hf"), "hf")
+    assert record["kind"] == "encoder"
+    case = "ViTModel from a segmentation checkpoint"
+    _compare_encoder(case, tmp_path / "hf", tmp_path / "seg", images(2, 1, seed=3))
+    record = convert.export_checkpoint(str(tmp_path / "seg"), str(tmp_path / "timm"), "timm")
+    assert record["kind"] == "encoder"
+    written = np.load(tmp_path / "timm" / "model.npz")
+    assert written.files and not any("seg_" in name for name in written.files)

@@ -130,7 +130,9 @@ def depth(flat: dict[str, Any], prefix: str) -> int:
 
 
 def kind_of(flat: dict[str, Any]) -> str:
-    """ "mae" (encoder + decoders), "classifier" (encoder + head) or "encoder"."""
+    """ "mae" (encoder + decoders), "classifier" (encoder + head) or "encoder": an
+    encoder alone, or with parts that stay in mimjax (a segmenter's dense decoder and
+    head), which exports and inference leave out."""
     if not any(name.startswith("encoder/") for name in flat):
         raise ValueError(
             "These parameters have no 'encoder' subtree; expected a mimjax model "
