@@ -11,13 +11,20 @@ import functools
 
 import jax
 
-from mimjax.objectives import classification, masked_reconstruction, mcr, subclass_segmentation
+from mimjax.objectives import (
+    classification,
+    landmark_heatmap,
+    masked_reconstruction,
+    mcr,
+    subclass_segmentation,
+)
 
 OBJECTIVES = {
     "masked_reconstruction": masked_reconstruction.loss_fn,
     "classification": classification.loss_fn,
     "mcr": mcr.loss_fn,
     "subclass_segmentation": subclass_segmentation.loss_fn,
+    "landmark_heatmap": landmark_heatmap.loss_fn,
 }
 
 
