@@ -11,7 +11,7 @@ Commands:
 What it does (demo scale): renders the cardiac phantom once under ./data (40 patients x
 8 short-axis slices x ED/ES, 192 px; split 28 / 4 / 8 patients), keeps the fine masks
 of 3 train patients (`data.fine_label_patients`) and the superclass (heart) masks of
-the rest, and trains the ViT (width 192, 4 blocks, patch 8, 128 px) with the
+the rest, and trains the ViT (width 192, 4 blocks, patch 8, 64 px) with the
 progressive dense decoder and a plain head on the subclass-segmentation objective
 (coarse + fine terms, pseudo-labels, HierarchicalMix). Every `eval_every` steps the
 val volumes are scored in 3-D (Dice, HD95 in mm per class, fine and coarse:

@@ -39,7 +39,7 @@ def segmentation_defaults(*, fine_class_names, coarse_class_names, channel_names
     c.data.dir = "data"
     c.data.num_workers = 1
 
-    # The demo's encoder size (configs/demo.py: width 192, 4 blocks, patch 8) at 128 px.
+    # The demo's encoder size (configs/demo.py: width 192, 4 blocks, patch 8).
     m = c.model
     del m["scales"], m["decoder"]  # pretraining only
     m.name = "segmenter"
