@@ -393,3 +393,151 @@ def test_mcr_synthetic_batch_contract_and_errors():
         benchmark.run(["mcr", "--config", MCR_TINY[0].replace(":tiny", ":tiny_clip")])
     with pytest.raises(cli.UsageError, match="image-text config"):
         benchmark.run(["mcr", "--config", os.path.join(ROOT, "configs", "demo.py")])
+
+
+# ----------------------------------------------------------------------------- segmentation
+SEG_TINY = os.path.join(ROOT, "configs", "segment_acdc.py") + ":tiny"
+# The tiny encoder at patch 16 (instead of --compare's default ViT-S/16) and UNETR's
+# decoder at feature_size 4 keep the aligned (12-block) model small.
+SEG_SMALL_UNETR = ["--config.model.variant=Ti/16", "--image-size", "32", "--batch", "8",
+                   "--config.model.decoder_widths=(32, 16, 8, 4)", "--config.model.scan=true"]
+
+
+def _check_segmentation(r, *, batch):
+    assert r["benchmark"] == "segmentation" and r["num_devices"] == 8 and r["batch"] == batch
+    assert r["img_per_s"] > 0 and len(r["step_times_s"]) == 2
+    assert r["img_per_s"] == pytest.approx(batch / r["step_time_s"])
+    assert r["compile_s"] > 0 and r["xla_gflops_per_step"] > 0 and 0 < r["mfu"] < 1
+    assert r["loss"] == r["loss"]  # finite, not NaN
+    memory = r["memory"]
+    assert memory["compiled_peak_bytes"] == (memory["compiled_temp_bytes"]
+                                             + memory["compiled_argument_bytes"]) > 0
+
+
+@pytest.mark.slow  # the trainer's jitted init and the step to compile: ~25 s on 2 cores
+def test_segmentation_alone(tmp_path, capsys):
+    """The config's own model and objective (progressive decoder, pseudo-labels and
+    HierarchicalMix on), the table and the JSON; no model FLOP count for that decoder."""
+    out = tmp_path / "seg.json"
+    r = benchmark.run(["segmentation", "--config", SEG_TINY, "--json", str(out), *FAST,
+                       *FAST_COMPILE])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == r == json.loads(out.read_text())
+    assert any(line.startswith("images / s") for line in printed)
+    _check_segmentation(r, batch=8)
+    assert (r["variant"], r["decoder"], r["image_size"]) == ("Ti/8", "progressive", 32)
+    assert r["pseudo_labels"] and r["hierarchical_mix"] and r["aligned_for_monai"] == []
+    assert r["model_gflops_per_step"] is None and r["model_mfu"] is None
+    assert "monai" not in r and "speedup_vs_monai" not in r
+
+
+@pytest.mark.slow  # a 12-block ViT to compile and MONAI's UNETR in a spawned process: ~60 s
+def test_segmentation_compare_monai(capsys):
+    """Against MONAI's UNETR at the aligned sizes: both sides ran in alternating windows,
+    the ratio, parameter counts that differ by mimjax's head only, and model FLOPs that
+    torch's own count confirms."""
+    pytest.importorskip("monai", reason="--compare monai needs MONAI")
+    r = benchmark.run(["segmentation", "--config", SEG_TINY, "--compare", "monai",
+                       *SEG_SMALL_UNETR, *FAST, *FAST_COMPILE])
+    _check_segmentation(r, batch=8)
+    assert (r["variant"], r["decoder"]) == ("Ti/16", "unetr")
+    assert not r["pseudo_labels"] and not r["hierarchical_mix"]
+    assert "model.depth: 2 -> 12" in r["aligned_for_monai"]
+    monai = r["monai"]
+    assert monai["img_per_s"] > 0 and len(monai["step_times_s"]) == 2
+    assert monai["loss"] == monai["loss"] and monai["threads"] == r["cpu_threads"]
+    assert r["speedup_vs_monai"] == pytest.approx(r["img_per_s"] / monai["img_per_s"])
+    settings = monai["settings"]
+    assert (settings["hidden_size"], settings["num_heads"], settings["mlp_dim"]) == (64, 4, 128)
+    assert (settings["feature_size"], settings["out_channels"], settings["spatial_dims"]) == (
+        4, 6, 2)
+    f = 4
+    assert round(1e6 * (r["params_m"] - monai["params_m"])) == 9 * f * f + 3 * f
+    assert 0.9 < monai["torch_counted_gflops_per_step"] / monai["model_gflops_per_step"] <= 1.0
+    assert 0 < r["model_mfu"] < 1 and 0 < monai["model_mfu"] < 1
+    assert r["versions"]["monai"] and r["versions"]["torch"]
+    printed = capsys.readouterr().out
+    assert "speedup vs MONAI UNETR" in printed and "MONAI UNETR" in printed.splitlines()[2]
+
+
+def test_segmentation_unetr_alignment():
+    """The aligned config and MONAI's UNETR built from it: parameter counts differ by the
+    head only, the forward FLOP formula equals torch's count exactly, and settings UNETR
+    cannot express are refused."""
+    pytest.importorskip("monai", reason="the UNETR side needs MONAI")
+    import jax
+    import torch
+    from monai.networks.nets import UNETR
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mimjax.models.spec import ModelSpec
+    from tools.bench import segmentation
+
+    overrides = [("model.width", "96"), ("model.num_heads", "3"), ("model.mlp_dim", "200")]
+    config, changes = segmentation.build_config(SEG_TINY, overrides, 64, None, None, "monai")
+    # --compare's default ViT-S/16; the command line's own width, heads and MLP win.
+    assert config.model.variant == "S/16" and config.model.taps == (4, 7, 10, 12)
+    assert (config.model.width, config.model.depth, config.model.num_heads) == (96, 12, 3)
+    assert "model.posemb: 'sincos2d' -> 'learn'" in changes
+    assert config.model.image_size == config.data.image_size == 64
+    assert config.global_batch_size == 8
+    default, changes = segmentation.build_config(SEG_TINY, [("global_batch_size", "16")],
+                                                 None, None, None, "monai")
+    assert (default.model.image_size, default.global_batch_size) == (128, 16)
+    assert (default.model.width, default.model.num_heads, default.model.mlp_dim) == (
+        384, 6, 1536)  # ViT-S's, not the tiny config's
+    assert not any(c.startswith(("model.width", "model.depth")) for c in changes)
+    spec = ModelSpec.from_config(config.model)
+    mimjax_params = sum(x.size for x in jax.tree.leaves(spec.abstract_params))
+    unetr = UNETR(**segmentation.unetr_kwargs(config))
+    monai_params = sum(p.numel() for name, p in unetr.named_parameters()
+                       if "norm_cross_attn" not in name)  # never called by UNETR
+    assert mimjax_params - monai_params == 9 * 16**2 + 3 * 16  # decoder widths f = 16
+    with FlopCounterMode(display=False) as counter:
+        unetr(torch.randn(2, 1, 64, 64))
+    assert counter.get_total_flops() == 2 * segmentation.unetr_forward_flops(
+        config, "monai")["forward"]
+
+    for extra, message in ((("model.backbone", "'unet'"), "ViT backbone"),
+                           (("model.decoder_widths", "(64, 32, 16, 4)"), r"\(8f, 4f, 2f, f\)"),
+                           (("model.norm", "'layer'"), "batch or instance")):
+        with pytest.raises(cli.UsageError, match=message):
+            segmentation.build_config(SEG_TINY, [extra], None, None, None, "monai")
+    with pytest.raises(cli.UsageError, match="segmentation config"):
+        benchmark.run(["segmentation", "--config", os.path.join(ROOT, "configs", "demo.py")])
+
+
+def test_segmentation_up_conv_is_flax_conv_transpose():
+    """conv_blocks.up_conv computes the 2x2 stride-2 transposed convolution as a matmul
+    (XLA:CPU's kernel gradient of the convolution form made it a third of the
+    benchmarked step): the same parameters as nnx.ConvTranspose, and the same outputs
+    and gradients up to float32 rounding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from mimjax.models import conv_blocks
+
+    for cin, cout, use_bias in ((3, 5, True), (96, 32, False)):
+        ours = conv_blocks.up_conv(cin, cout, use_bias=use_bias, dtype=jnp.float32,
+                                   rngs=nnx.Rngs(0))
+        flax_form = nnx.ConvTranspose(cin, cout, (2, 2), strides=(2, 2), padding="VALID",
+                                      use_bias=use_bias, kernel_init=conv_blocks.HE_NORMAL,
+                                      rngs=nnx.Rngs(0))
+        assert jax.tree.map(jnp.shape, nnx.state(ours)) == jax.tree.map(
+            jnp.shape, nnx.state(flax_form))
+        if use_bias:  # a non-zero bias, shared
+            ours.bias[...] = flax_form.bias[...] = jnp.linspace(-1.0, 1.0, cout)
+        np.testing.assert_array_equal(ours.kernel[...], flax_form.kernel[...])
+        x = jax.random.normal(jax.random.key(1), (2, 5, 7, cin))
+        np.testing.assert_allclose(ours(x), flax_form(x), atol=1e-5, rtol=1e-5)
+
+        def loss(module, x):
+            return jnp.sum(jnp.sin(module(x)))
+
+        (g_ours, dx_ours), (g_flax, dx_flax) = (
+            nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, flax_form))
+        np.testing.assert_allclose(dx_ours, dx_flax, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(g_ours["kernel"][...], g_flax["kernel"][...], atol=1e-4,
+                                   rtol=1e-5)
