@@ -25,11 +25,11 @@ Paper scale (tools/prepare_data.py --builder acdc --input ACDC --output /data/ac
 --size 256): ViT-B/16 at 224 px, the 100 training patients re-split 70 / 10 / 20 by
 patient (`data.patient_split`), 7 patients with fine masks (10%).
 
-Expected wall time on a 2-core CPU (demo scale): about 6 minutes (phantom ~10 s,
-compile ~30 s, 600 steps of 16 at ~2.5 steps/s, three val evals).
-Expected result (demo scale): see the README's subclass segmentation table (the same
-budget as this config's arms); test mean fine Dice well above the superclass-only
-baseline and below full supervision.
+Expected wall time on a 2-core CPU (demo scale): about 6 minutes (measured 6 min 3 s
+alone: phantom ~10 s, compile ~30 s, 600 steps of 16 at ~28 images/s, three val evals).
+Expected result (demo scale, measured): test (16 volumes) mean fine Dice 0.894 (RV
+0.919, myocardium 0.829, LV 0.935), mean HD95 7.0 mm, heart Dice 0.940; the README's
+subclass segmentation table compares the arms on a larger phantom.
 `:tiny` is a seconds-long variant used by the test suite.
 """
 
