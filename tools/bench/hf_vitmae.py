@@ -41,7 +41,34 @@ def hf_vitmae_config(config, image_size: int):
         norm_pix_loss=objective.get("norm_pix_loss", True))
 
 
-class HFPretrainStep(timing.Timed):
+class TorchTrainStep(timing.Timed):
+    """What every torch-side step shares: its matmul peak and the timed loop. A subclass
+    sets `self.torch` and `self.bf16` and defines `step()` (one train step, the loss)."""
+
+    bf16 = False
+
+    def matmul_peak(self, size: int = 2048, repeats: int = 10) -> float:
+        """Best FLOP/s of a square matmul in torch (as perf.measure_matmul_peak in JAX)."""
+        torch = self.torch
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return 2.0 * size**3 / best
+
+    def run(self, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = self.step()
+        self.loss = float(loss.detach())  # CPU torch is synchronous; this is the sync point
+        return time.perf_counter() - start
+
+
+class HFPretrainStep(TorchTrainStep):
     """ViTMAEForPreTraining + AdamW (weight decay on matrices only, as mimjax), bf16
     autocast when the mimjax model computes in bf16, on a fixed random batch."""
     name = "hf"
@@ -94,26 +121,6 @@ class HFPretrainStep(timing.Timed):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
-
-    def matmul_peak(self, size: int = 2048, repeats: int = 10) -> float:
-        """Best FLOP/s of a square matmul in torch (as perf.measure_matmul_peak in JAX)."""
-        torch = self.torch
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        return 2.0 * size**3 / best
-
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            loss = self.step()
-        self.loss = float(loss.detach())  # CPU torch is synchronous; this is the sync point
-        return time.perf_counter() - start
 
     def info(self) -> dict:
         import transformers

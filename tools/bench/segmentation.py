@@ -65,11 +65,10 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 from tools import cli
 from tools.bench import timing, train_step
-from tools.bench.hf_vitmae import HFPretrainProcess
+from tools.bench.hf_vitmae import HFPretrainProcess, TorchTrainStep
 from tools.bench.pretrain import transformer_fwd_flops
 
 # Every process of a multi-host run builds and times the sharded step; the first reports.
@@ -336,7 +335,7 @@ def dice_loss_torch(probs, onehot, mask, smooth: float):
     return (1.0 - (2.0 * intersect + smooth) / (pred_sum + target_sum + smooth)).mean()
 
 
-class MonaiUnetrStep(timing.Timed):
+class MonaiUnetrStep(TorchTrainStep):
     """monai.networks.nets.UNETR at an aligned mimjax config's sizes, the same loss
     terms, AdamW as mimjax configures it (module docstring), on the same batch."""
     name = "monai"
@@ -440,25 +439,6 @@ class MonaiUnetrStep(timing.Timed):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
-
-    def matmul_peak(self, size: int = 2048, repeats: int = 10) -> float:
-        """Best FLOP/s of a square f32 matmul in torch (as perf.measure_matmul_peak)."""
-        torch = self.torch
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        torch.mm(a, b)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        return 2.0 * size**3 / best
-
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            loss = self.step()
-        self.loss = float(loss.detach())  # CPU torch is synchronous; this is the sync point
-        return time.perf_counter() - start
 
     def info(self) -> dict:
         import monai
