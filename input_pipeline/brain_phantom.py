@@ -148,14 +148,8 @@ def _section(radius: float, height: float, z: float) -> float:
 
 def _window(p: Patient, size: int) -> tuple[slice, slice]:
     """Rows and columns of the square that holds the tumour on every slice."""
-    spacing = FIELD_OF_VIEW_MM / size
     reach = p.oedema * (1.0 + sum(a for a, _, _ in p.wobble)) + 2.0
-    bounds = []
-    for centre in (p.tumour[1], p.tumour[0]):  # rows (y), then columns (x)
-        lo = (centre - reach + FIELD_OF_VIEW_MM / 2) / spacing
-        hi = (centre + reach + FIELD_OF_VIEW_MM / 2) / spacing
-        bounds.append(slice(max(0, int(lo)), min(size, int(math.ceil(hi)) + 1)))
-    return bounds[0], bounds[1]
+    return mri_acquisition.window(p.tumour, reach, size, FIELD_OF_VIEW_MM)
 
 
 def render_slice(p: Patient, slice_index: int, size: int, seed: int):

@@ -235,14 +235,8 @@ def _body(patient: int, seed: int, size: int) -> np.ndarray:
 
 def _heart_window(p: Patient, size: int) -> tuple[slice, slice]:
     """Rows and columns of the square that holds the heart on every slice."""
-    spacing = FIELD_OF_VIEW_MM / size
     reach = 3.2 * (p.lv_radius + p.wall + 3.0) * max(1.0, p.rv_size)
-    bounds = []
-    for centre in (p.lv_center[1], p.lv_center[0]):  # rows (y), then columns (x)
-        lo = (centre - reach + FIELD_OF_VIEW_MM / 2) / spacing
-        hi = (centre + reach + FIELD_OF_VIEW_MM / 2) / spacing
-        bounds.append(slice(max(0, int(lo)), min(size, int(math.ceil(hi)) + 1)))
-    return bounds[0], bounds[1]
+    return mri_acquisition.window(p.lv_center, reach, size, FIELD_OF_VIEW_MM)
 
 
 def render_slice(p: Patient, phase: int, slice_index: int, size: int, seed: int):

@@ -5,6 +5,7 @@ smooth coil-sensitivity (bias) field and Rician noise."""
 from __future__ import annotations
 
 import functools
+import math
 
 import cv2
 import numpy as np
@@ -64,3 +65,16 @@ def acquire(
     sigma = np.float32(noise)
     image = cv2.magnitude(image + sigma * _noise(rng, size), sigma * _noise(rng, size))
     return np.clip(image, 0.0, 1.0, out=image)
+
+
+def window(centre_xy_mm, reach_mm: float, size: int, field_of_view_mm: float):
+    """(rows, cols) slices of the square of half-side `reach_mm` around a centre given in
+    mm from the image centre, on a `size`-pixel grid over `field_of_view_mm`, clipped
+    to the image: where a phantom renders its organ at full detail."""
+    spacing = field_of_view_mm / size
+    bounds = []
+    for centre in (centre_xy_mm[1], centre_xy_mm[0]):  # rows (y), then columns (x)
+        lo = (centre - reach_mm + field_of_view_mm / 2) / spacing
+        hi = (centre + reach_mm + field_of_view_mm / 2) / spacing
+        bounds.append(slice(max(0, int(lo)), min(size, int(math.ceil(hi)) + 1)))
+    return bounds[0], bounds[1]
