@@ -45,7 +45,6 @@ batches 0.25 ms per record.
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +54,7 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import eval_batches, pipeline, sources, transforms
+from input_pipeline.epoch_cache import EpochCache
 from input_pipeline.eval_batches import EvalBatches
 from input_pipeline.record_source import RecordSource
 
@@ -245,38 +245,23 @@ class BalancedDraws:
         weights = 1.0 / counts[inverse]
         self.probabilities = weights / weights.sum()
         self.seed = int(seed)
-        self._cache: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._draws = EpochCache(self._CACHED_EPOCHS)
 
     def __len__(self) -> int:
         return len(self.probabilities)
 
     def epoch(self, epoch: int) -> np.ndarray:
         """The record indices of one epoch, in stream order."""
-        with self._lock:
-            draws = self._cache.get(epoch)
-        if draws is None:
+        def draw():
             rng = np.random.default_rng([self.seed, int(epoch)])
             n = len(self)
-            draws = rng.choice(n, size=n, replace=True, p=self.probabilities)
-            with self._lock:
-                self._cache[epoch] = draws
-                while len(self._cache) > self._CACHED_EPOCHS:
-                    self._cache.pop(min(self._cache))
-        return draws
+            return rng.choice(n, size=n, replace=True, p=self.probabilities)
+
+        return self._draws.get(epoch, draw)
 
     def __call__(self, position: int) -> int:
         epoch, offset = divmod(int(position), len(self))
         return int(self.epoch(epoch)[offset])
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"], state["_cache"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cache, self._lock = {}, threading.Lock()
 
 
 def _single_class_labels(src: RecordSource, key: str) -> np.ndarray:

@@ -66,8 +66,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import sys
-import threading
 from typing import Any
 
 import cv2
@@ -84,6 +84,7 @@ from input_pipeline import (
     sources,
 )
 from input_pipeline import segmentation_records as seg_records
+from input_pipeline.epoch_cache import EpochCache
 from input_pipeline.record_source import RecordSource
 from input_pipeline.segmentation_records import SegmentationDataError
 
@@ -246,21 +247,15 @@ class TwoStreamDraws:
         self.batch = int(global_batch_size)
         self.labelled_rows = int(labelled_rows)
         self.seed = int(seed)
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
-        self._lock = threading.Lock()
+        # keyed (stream, epoch); the oldest epoch goes first
+        self._orders = EpochCache(2 * self._CACHED_EPOCHS, age=operator.itemgetter(1))
 
     def _epoch(self, stream: int, epoch: int) -> np.ndarray:
-        key = (stream, epoch)
-        with self._lock:
-            order = self._cache.get(key)
-        if order is None:
+        def draw():
             rng = np.random.default_rng([self.seed, stream, int(epoch)])
-            order = self.streams[stream][rng.permutation(len(self.streams[stream]))]
-            with self._lock:
-                self._cache[key] = order
-                while len(self._cache) > 2 * self._CACHED_EPOCHS:
-                    self._cache.pop(min(self._cache, key=lambda k: k[1]))
-        return order
+            return self.streams[stream][rng.permutation(len(self.streams[stream]))]
+
+        return self._orders.get((stream, epoch), draw)
 
     def __call__(self, position: int) -> int:
         batch, row = divmod(int(position), self.batch)
@@ -271,15 +266,6 @@ class TwoStreamDraws:
             stream, at = 1, batch * width + row - self.labelled_rows
         epoch, offset = divmod(at, len(self.streams[stream]))
         return int(self._epoch(stream, epoch)[offset])
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"], state["_cache"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cache, self._lock = {}, threading.Lock()
 
 
 # ---------------------------------------------------------------- per row
