@@ -80,6 +80,20 @@ LABEL_NAMES = (
     "pneumothorax_left",
 )
 
+# Six landmarks (meta "landmarks", in this order), from each lung's outline: the
+# apex is the top of the outline, the costophrenic angle its lateral basal
+# corner, the cardiophrenic angle its medial basal corner, where the straight
+# medial (mediastinal) border meets the domed base. Side words name the
+# patient's side: the right lung is on the image left.
+CHEST_LANDMARK_NAMES = (
+    "right lung apex",
+    "right costophrenic angle",
+    "right cardiophrenic angle",
+    "left lung apex",
+    "left costophrenic angle",
+    "left cardiophrenic angle",
+)
+
 # Finding priors: flat enough that the 264 combinations are spread widely
 # (strict retrieval is bounded by how often pairs share one); "normal" ~4 %.
 P_LESION = 0.6
@@ -589,6 +603,21 @@ class _Lung:
         x = self.medial_x + width * (self.lateral_x - self.medial_x)
         return x, self.apex_y + height * (self.dome_y - self.apex_y)
 
+    @property
+    def top(self) -> tuple[float, float]:
+        """(x, y) of the highest point of the outline (the apex): the middle of
+        its top edge, which is flat (the cap's polygon is symmetric about it)."""
+        ys = self.outline[:, 1]
+        top = ys <= ys.min() + 1e-9
+        return float(self.outline[top, 0].mean()), float(ys.min())
+
+    @property
+    def cardiophrenic(self) -> tuple[float, float]:
+        """(x, y) of the medial end of the base, where the medial border meets it
+        (the outline's last vertex; the closing edge is the medial border)."""
+        x, y = self.outline[-1]
+        return float(x), float(y)
+
 
 def _lung(case: Case, side: str) -> _Lung:
     """Apex cap, convex lateral wall, sharp costophrenic angle, domed base,
@@ -736,21 +765,23 @@ def _noise_bank(size: int) -> np.ndarray:
 
 
 def render_cxr(index: int, seed: int, size: int = 256) -> tuple[np.ndarray, dict]:
-    """(uint16 image (size, size) with 12 bits stored, metadata) of pair `index`."""
-    case = sample_case(index, seed)
-    return render_case(case, size), case.meta()
+    """(uint16 image (size, size) with 12 bits stored, metadata) of pair `index`.
 
-
-def render_case(case: Case, size: int = 256) -> np.ndarray:
-    """The radiograph of `case`: uint16 (size, size), 12 bits stored.
-
-    Pixel-level randomness (exposure, vessels, noise) comes from the case's
-    (index, seed) and is drawn in a fixed order whatever the findings, so
-    `dataclasses.replace(case, findings=...)` renders the same patient with
-    other findings (what the visibility tests compare).
+    The metadata is `case.meta()` plus "landmarks": the CHEST_LANDMARK_NAMES
+    points as [x, y] = (column, row) pixels of the returned image, the centre
+    of the top-left pixel at (0, 0), rounded to 4 decimals (they depend on the
+    size, so `sample_meta` has none).
     """
-    if size < 32:
-        raise ValueError(f"phantom size must be >= 32 px, got {size}")
+    case = sample_case(index, seed)
+    meta = case.meta()
+    points = chest_landmarks(case, size)
+    meta["landmarks"] = [[round(float(x), 4), round(float(y), 4)] for x, y in points]
+    return render_case(case, size), meta
+
+
+def _look(case: Case, size: int) -> tuple[dict, np.random.Generator]:
+    """The pixel-level draws of `render_case` (exposure, final rotation and
+    shift, ...) and the stream that goes on to draw vessels and ribs."""
     *_, rng = _streams(case.index, case.seed)
     look = {
         "soft": _SOFT + rng.uniform(-0.04, 0.04),
@@ -766,6 +797,41 @@ def render_case(case: Case, size: int = 256) -> np.ndarray:
         "shift": rng.uniform(-0.02, 0.02, 2) * size,
         "gamma": rng.uniform(0.85, 1.15),
     }
+    return look, rng
+
+
+def _warp(look: dict, size: int) -> np.ndarray:
+    """The 2 x 3 pixel map of the final small rotation and shift of the patient."""
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), look["angle"], 1.0)
+    matrix[:, 2] += look["shift"]
+    return matrix
+
+
+def chest_landmarks(case: Case, size: int) -> np.ndarray:
+    """(6, 2) CHEST_LANDMARK_NAMES points, (x, y) pixels of `render_case(case,
+    size)`: the lung outlines' points mapped as the outlines are drawn (`_pts`),
+    then through the final rotation and shift. The drawn lungs' edges are
+    antialiased and blurred by about a pixel around these points."""
+    points = []
+    for side in SIDES:
+        lung = _lung(case, side)
+        points += [lung.top, lung.costophrenic, lung.cardiophrenic]
+    pixels = np.asarray(points) * size - 0.5
+    matrix = _warp(_look(case, size)[0], size)
+    return pixels @ matrix[:, :2].T + matrix[:, 2]
+
+
+def render_case(case: Case, size: int = 256) -> np.ndarray:
+    """The radiograph of `case`: uint16 (size, size), 12 bits stored.
+
+    Pixel-level randomness (exposure, vessels, noise) comes from the case's
+    (index, seed) and is drawn in a fixed order whatever the findings, so
+    `dataclasses.replace(case, findings=...)` renders the same patient with
+    other findings (what the visibility tests compare).
+    """
+    if size < 32:
+        raise ValueError(f"phantom size must be >= 32 px, got {size}")
+    look, rng = _look(case, size)
     f = case.findings
     ys, xs = _grid(size)
     px = 1.0 / size  # one pixel in image-width units
@@ -878,10 +944,9 @@ def render_case(case: Case, size: int = 256) -> np.ndarray:
     image *= 1.0 + 0.04 * cv2.resize(look["coarse"], (size, size), interpolation=cv2.INTER_CUBIC)
     oy, ox = look["noise_at"]
     image += _noise_bank(size)[oy : oy + size, ox : ox + size] * look["noise"]
-    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), look["angle"], 1.0)
-    matrix[:, 2] += look["shift"]
     image = cv2.warpAffine(
-        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        image, _warp(look, size), (size, size), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
     )
     levels = np.clip(image * MAX_VALUE + 0.5, 0, MAX_VALUE).astype(np.uint16)
     return _gamma_table(round(look["gamma"], 3))[levels]

@@ -184,6 +184,20 @@ PHANTOMS: dict[str, Phantom] = {
             min_size=64,
             parallel_from=1024,
         ),
+        Phantom(
+            "hand_phantom",
+            "input_pipeline.hand_phantom:render_hand",
+            "hand radiograph phantom (37 landmarks)",
+            min_size=64,
+            parallel_from=256,
+        ),
+        Phantom(
+            "natural_photos",
+            "input_pipeline.natural_photos:render_photo",
+            "natural-photograph crops (scikit-image's sample photographs)",
+            min_size=16,
+            parallel_from=1024,
+        ),
     )
 }
 
