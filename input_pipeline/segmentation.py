@@ -326,7 +326,8 @@ def _noise(offsets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     )
 
 
-def _ranges(data_cfg: Any) -> dict:
+def intensity_ranges(data_cfg: Any) -> dict:
+    """data.gamma, contrast, brightness and noise_std, checked (0 / (1, 1) = off)."""
     def pair(key, default):
         lo, hi = (float(v) for v in _get(data_cfg, key, default))
         if not 0 < lo <= hi:
@@ -402,7 +403,7 @@ class SegmentationAugment(grain.transforms.RandomMap):
             hflip=bool(_get(data_cfg, "hflip", False)),
             vflip=bool(_get(data_cfg, "vflip", False)),
         )
-        self.ranges = _ranges(data_cfg)
+        self.ranges = intensity_ranges(data_cfg)
 
     def random_map(self, index: int, rng: np.random.Generator) -> dict:
         rows, size = self.rows, self.rows.image_size

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mimjax import run_config
-from mimjax.drivers import segmentation_arms
+from mimjax.drivers import arms as arm_driver
 
 from helpers import run_main
 
@@ -18,7 +18,7 @@ CONFIG = "configs/experiments/subclass_seg.py"
 
 def test_the_arms_differ_only_in_what_they_test():
     c = run_config.load(CONFIG)
-    segmentation_arms.check_arms(c)
+    arm_driver.check_arms(c)
     assert list(c.arm_order) == ARMS
     arms = {name: c.arms[name] for name in ARMS}
     for key in ("total_steps", "global_batch_size", "seed"):  # one budget

@@ -21,7 +21,6 @@ figures/segmentation_test.png.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,7 +30,8 @@ import numpy as np
 
 from mimjax import sharding
 from mimjax.evaluators import segmentation_metrics, segmentation_overlays
-from mimjax.evaluators.hooks import EvalHook, HookContext, uses_ema
+from mimjax.evaluators.best_hook import BestOfValHook
+from mimjax.evaluators.hooks import HookContext
 
 log = logging.getLogger(__name__)
 
@@ -139,84 +139,39 @@ def _log_summary(prefix: str, step, metrics: dict, fine_names) -> None:
              metrics.get("fine/hd95/mean", math.nan), metrics.get("coarse/dice/mean", math.nan))
 
 
-class SegmentationHooks(EvalHook):
+class SegmentationHooks(BestOfValHook):
     """Val evals, the best checkpoint and the test eval (see the module docstring)."""
 
-    def __init__(self, ctx: HookContext):
-        from mimjax import checkpoint  # orbax import kept off the metric paths
+    select_by = SELECT_BY
+    higher_is_better = True
 
-        config = ctx.config
-        super().__init__(config.get("eval_every", 0), use_ema=uses_ema(config))
-        self.config, self.spec, self.mesh, self.writer = config, ctx.spec, ctx.mesh, ctx.writer
-        self.workdir = ctx.workdir
-        self.figures = os.path.join(ctx.workdir, "figures")
-        self.val = SegmentationEvaluator(config, ctx.spec, ctx.mesh, "val")
-        self.best = checkpoint.BestCheckpointer(os.path.join(ctx.workdir, "best"))
-        self.best_metrics = self.best.best_metrics()
-        self.params_target = ctx.params_target
+    def __init__(self, ctx: HookContext):
+        super().__init__(ctx)
+        self.val = SegmentationEvaluator(ctx.config, ctx.spec, ctx.mesh, "val")
 
     def after_step(self, step: int, state) -> dict[str, float]:
-        params = self.eval_params(state)
-        metrics, _, _, volumes = self.val.evaluate(params, state.model_state)
+        metrics, _, _, volumes = self.val.evaluate(self.eval_params(state), state.model_state)
         logged = {f"val/{k}": float(v) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and math.isfinite(v)}
         self.writer.write(step, logged)
         _log_summary(f"step {step} | val ({len(self.val.data.volumes)} volumes)", step, metrics,
                      self.val.fine_names)
         self.val.figure(volumes, os.path.join(self.figures, f"segmentation_val_{step}.png"), step)
-        score = metrics.get(SELECT_BY, math.nan)
-        best = (self.best_metrics or {}).get(SELECT_BY, -math.inf)
-        if math.isfinite(score) and score > best:
-            self.best_metrics = dict(logged, step=step, **{SELECT_BY: float(score)})
-            self.best.save(step, {"params": params, "model_state": state.model_state},
-                           self.best_metrics)
+        self.consider(step, state, logged, metrics.get(SELECT_BY, math.nan))
         return logged
-
-    def _restore_best(self, state):
-        """The best checkpoint's parameters and batch statistics, on the run's shardings."""
-        target = {"params": self.params_target,
-                  "model_state": jax.tree.map(
-                      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state.model_state)}
-        restored = self.best.restore_params(target)
-        return restored["params"], restored["model_state"]
 
     def finish(self, state, *, trained: bool) -> dict | None:
         """Test metrics of the best checkpoint; skipped when a finished run is re-run."""
-        path = os.path.join(self.workdir, "test_metrics.json")
-        if not trained and os.path.exists(path):
+        if self.test_done(trained):
             return None
-        best_step = self.best.best_step()
-        if best_step is None:
-            params, model_state = self.eval_params(state), state.model_state
-            best_step = int(jax.device_get(state.step))
-        else:
-            params, model_state = self._restore_best(state)
+        params, model_state, best_step = self.best_params(state)
         test = SegmentationEvaluator(self.config, self.spec, self.mesh, "test")
         metrics, fine_rows, coarse_rows, volumes = test.evaluate(params, model_state)
         _log_summary(f"test ({len(test.data.volumes)} volumes, best val step {best_step})",
                      best_step, metrics, test.fine_names)
         result = {"checkpoint_step": best_step, "metrics": metrics,
                   "fine_volumes": fine_rows, "coarse_volumes": coarse_rows}
+        self.write_test(result)
         if jax.process_index() == 0:
-            with open(path, "w") as f:
-                json.dump(_json_safe(result), f, indent=1)
             test.figure(volumes, os.path.join(self.figures, "segmentation_test.png"), best_step)
         return result
-
-    def close(self) -> None:
-        self.best.close()
-
-
-def _json_safe(value):
-    """NaN and infinities as strings (JSON has none); numpy scalars as Python."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

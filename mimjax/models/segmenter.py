@@ -126,32 +126,42 @@ def class_counts(model_cfg) -> tuple[int, int]:
     return num_fine, num_coarse
 
 
+def check_backbone(model_cfg) -> str:
+    backbone = model_cfg.get("backbone", "vit")
+    if backbone not in BACKBONES:
+        raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {backbone!r}.")
+    return backbone
+
+
+def unet_settings(model_cfg) -> dict:
+    """The U-Net backbone's fields of `config.model` (image_size, channels,
+    unet_base_channels, unet_dropout, norm, dtype), checked, as keyword arguments of a
+    model built on `unet.UNet` (the segmenter's, the landmark heatmap model's)."""
+    unet.UNet.check_image_size(model_cfg.image_size)
+    norm = check_norm(model_cfg.get("norm", "batch"))
+    channels = model_cfg.get("channels", 1)
+    base_channels = model_cfg.get("unet_base_channels", 16)
+    dropout_rate = model_cfg.get("unet_dropout", unet.DROPOUT_RATE)
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"model.channels must be a positive integer, got {channels!r}.")
+    if not isinstance(base_channels, int) or base_channels < 1:
+        raise ValueError(
+            f"model.unet_base_channels must be a positive integer, got {base_channels!r}.")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"model.unet_dropout must be in [0, 1), got {dropout_rate}.")
+    return dict(channels=channels, base_channels=base_channels,
+                dropout_rate=float(dropout_rate), norm=norm,
+                dtype=vit.dtype_from_name(model_cfg.get("dtype", "float32")))
+
+
 def build_segmenter(model_cfg, *, rngs: nnx.Rngs) -> _Segmenter:
     """From the `model` config section (fields in the module docstring)."""
     num_fine, num_coarse = class_counts(model_cfg)
     head_options = dict(num_fine=num_fine, num_coarse=num_coarse,
                         separate_norm=bool(model_cfg.get("separate_norm", False)),
                         prior_concat=bool(model_cfg.get("prior_concat", False)))
-    backbone = model_cfg.get("backbone", "vit")
-    if backbone not in BACKBONES:
-        raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {backbone!r}.")
-    if backbone == "unet":
-        unet.UNet.check_image_size(model_cfg.image_size)
-        norm = check_norm(model_cfg.get("norm", "batch"))
-        channels = model_cfg.get("channels", 1)
-        base_channels = model_cfg.get("unet_base_channels", 16)
-        dropout_rate = model_cfg.get("unet_dropout", unet.DROPOUT_RATE)
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"model.channels must be a positive integer, got {channels!r}.")
-        if not isinstance(base_channels, int) or base_channels < 1:
-            raise ValueError(
-                f"model.unet_base_channels must be a positive integer, got {base_channels!r}.")
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"model.unet_dropout must be in [0, 1), got {dropout_rate}.")
-        return UNetSegmenter(channels, base_channels=base_channels,
-                             dropout_rate=float(dropout_rate), norm=norm,
-                             dtype=vit.dtype_from_name(model_cfg.get("dtype", "float32")),
-                             head_options=head_options, rngs=rngs)
+    if check_backbone(model_cfg) == "unet":
+        return UNetSegmenter(**unet_settings(model_cfg), head_options=head_options, rngs=rngs)
 
     encoder = vit.vit_config_from(model_cfg)
     return ViTSegmenter(encoder, **dense_decoder.decoder_settings(model_cfg, encoder),
