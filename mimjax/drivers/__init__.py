@@ -4,8 +4,9 @@
 end-of-run evals). "experiment" pretrains, fine-tunes and probes several arms and
 tabulates them (mimjax.drivers.experiment); "segmentation_arms" trains segmentation
 arms on one budget and tabulates per-volume test metrics with paired bootstrap
-intervals (mimjax.drivers.segmentation_arms). main.py and the tools are the only
-importers of this package.
+intervals (mimjax.drivers.segmentation_arms); "landmark_arms" does the same for
+landmark detection (MRE and SDR per test image; mimjax.drivers.landmark_arms). main.py
+and the tools are the only importers of this package.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ DRIVERS = {
     "train": "mimjax.train:train_and_evaluate",
     "experiment": "mimjax.drivers.experiment:run_experiment",
     "segmentation_arms": "mimjax.drivers.segmentation_arms:run_experiment",
+    "landmark_arms": "mimjax.drivers.landmark_arms:run_experiment",
 }
 DEFAULT_DRIVER = "train"
 # drivers that run several configs: their whole-experiment check (every run config
 # and cross-reference), for tests and tools that check configs without running them
 CHECKS = {
     "experiment": "mimjax.drivers.experiment:check_experiment",
-    "segmentation_arms": "mimjax.drivers.segmentation_arms:check_arms",
+    "segmentation_arms": "mimjax.drivers.arms:check_arms",
+    "landmark_arms": "mimjax.drivers.arms:check_arms",
 }
 
 

@@ -2,10 +2,11 @@
 
 from flax import nnx
 
-from mimjax.models import classifier, mae, mcr, segmenter
+from mimjax.models import classifier, heatmap, mae, mcr, segmenter
 
 _BUILDERS = {"mae": mae.build_mae, "vit_classifier": classifier.build_classifier,
-             "mcr": mcr.build_mcr, "segmenter": segmenter.build_segmenter}
+             "mcr": mcr.build_mcr, "segmenter": segmenter.build_segmenter,
+             "heatmap": heatmap.build_heatmap_model}
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -56,18 +56,31 @@ def num_stages(patch_size: int) -> int:
     return n
 
 
-def default_widths(patch_size: int) -> tuple[int, ...]:
-    n = num_stages(patch_size)
-    return tuple(FINEST_WIDTH * 2 ** (n - 1 - j) for j in range(n))
+def stride_stages(patch_size: int, out_stride: int) -> int:
+    """log2(out_stride): the finest x2 stages a decoder with that output stride leaves
+    out (1: none, full resolution)."""
+    drop = int(math.log2(out_stride)) if out_stride > 0 else -1
+    if drop < 0 or 2**drop != out_stride or out_stride >= patch_size:
+        raise ValueError(
+            f"model.heatmap_stride must be a power of two below the patch size {patch_size} "
+            f"(1 = full resolution, 2, 4, ...), got {out_stride}.")
+    return drop
 
 
-def check_widths(widths, patch_size: int) -> tuple[int, ...]:
+def default_widths(patch_size: int, out_stride: int = 1) -> tuple[int, ...]:
     n = num_stages(patch_size)
+    widths = tuple(FINEST_WIDTH * 2 ** (n - 1 - j) for j in range(n))
+    return widths[:n - stride_stages(patch_size, out_stride)]
+
+
+def check_widths(widths, patch_size: int, out_stride: int = 1) -> tuple[int, ...]:
+    n = num_stages(patch_size) - stride_stages(patch_size, out_stride)
     widths = tuple(widths)
     if len(widths) != n or not all(isinstance(w, int) and w > 0 for w in widths):
         raise ValueError(
-            f"model.decoder_widths must be {n} positive integers for patch size {patch_size} "
-            f"(one per x2 stage, coarse to fine, e.g. {default_widths(patch_size)}), "
+            f"model.decoder_widths must be {n} positive integers for patch size {patch_size}"
+            f"{f' and output stride {out_stride}' if out_stride > 1 else ''} (one per x2 "
+            f"stage, coarse to fine, e.g. {default_widths(patch_size, out_stride)}), "
             f"got {list(widths)}.")
     return widths
 
@@ -125,33 +138,45 @@ class UpStage(nnx.Module):
 
 
 class ProgressiveDecoder(nnx.Module):
+    """See the module docstring. `out_stride` > 1 stops the upsampling at S / out_stride
+    (log2(out_stride) fewer stages): a landmark model then reads its heatmaps from a
+    coarser, wider map (mimjax.models.heatmap)."""
+
     taps: tuple[int, ...] = ()  # the final tokens only
 
     def __init__(self, *, token_width: int, image_channels: int, patch_size: int,
-                 widths, norm: str, dtype, rngs: nnx.Rngs):
-        n = num_stages(patch_size)
-        widths = check_widths(widths, patch_size)
+                 widths, norm: str, dtype, rngs: nnx.Rngs, out_stride: int = 1):
+        drop = stride_stages(patch_size, out_stride)
+        widths = check_widths(widths, patch_size, out_stride)
+        n = len(widths)
         self.dtype = dtype
         self.out_channels = widths[-1]
-        # Stem: full resolution, then half (stride 2); their widths are the decoder's there.
-        self.stem_full = ConvNormAct(image_channels, widths[-1], norm=norm, dtype=dtype,
-                                     rngs=rngs)
-        self.stem_half = (ConvNormAct(widths[-1], widths[-2], stride=2, norm=norm, dtype=dtype,
-                                      rngs=rngs) if n >= 2 else None)
+        # Stem: a conv at full resolution, then one at half (stride 2). Each feeds the
+        # stage at its resolution as a skip, when the decoder reaches it.
+        full_width = widths[-1] if drop == 0 else FINEST_WIDTH
+        half_width = widths[-2] if drop == 0 and n >= 2 else widths[-1]
+        self.stem_full = (ConvNormAct(image_channels, full_width, norm=norm, dtype=dtype,
+                                      rngs=rngs) if drop <= 1 else None)
+        self.stem_half = (ConvNormAct(full_width, half_width, stride=2, norm=norm, dtype=dtype,
+                                      rngs=rngs) if drop <= 1 and n >= 2 - drop else None)
         skip_channels = [0] * n
-        skip_channels[-1] = widths[-1]
-        if n >= 2:
-            skip_channels[-2] = widths[-2]
+        if drop == 0:
+            skip_channels[-1] = full_width
+        if self.stem_half is not None:
+            skip_channels[-2 + drop] = half_width
         self.stages = nnx.List([
             UpStage(cin, cout, skip, norm=norm, dtype=dtype, rngs=rngs)
             for cin, cout, skip in zip((token_width,) + widths[:-1], widths, skip_channels)])
+        self._drop = drop
 
     def __call__(self, images: jax.Array, grids: list[jax.Array], training: bool) -> jax.Array:
-        full = self.stem_full(sharding.constrain_batch(images.astype(self.dtype)), training)
         skips = [None] * len(self.stages)
-        skips[-1] = full
-        if self.stem_half is not None:
-            skips[-2] = self.stem_half(full, training)
+        if self.stem_full is not None:
+            full = self.stem_full(sharding.constrain_batch(images.astype(self.dtype)), training)
+            if self._drop == 0:
+                skips[-1] = full
+            if self.stem_half is not None:
+                skips[-2 + self._drop] = self.stem_half(full, training)
         x = sharding.constrain_batch(grids[-1].astype(self.dtype))
         for stage, skip in zip(self.stages, skips):
             x = stage(x, skip, training)
@@ -254,15 +279,20 @@ class UnetrDecoder(nnx.Module):
 
 
 # --------------------------------------------------------------------------- with a ViT
-def decoder_settings(model_cfg, encoder: vit.ViTConfig) -> dict:
+def decoder_settings(model_cfg, encoder: vit.ViTConfig, out_stride: int = 1) -> dict:
     """The decoder fields of `config.model` (`decoder`, `taps`, `decoder_widths`,
-    `norm`), checked and with their defaults, as `make_decoder`'s keyword arguments."""
+    `norm`), checked and with their defaults, as `make_decoder`'s keyword arguments;
+    `out_stride` > 1 (the progressive decoder only) stops at S / out_stride."""
     decoder = model_cfg.get("decoder", "progressive")
     if decoder not in DECODERS:
         raise ValueError(f"model.decoder must be one of {list(DECODERS)}, got {decoder!r}.")
     patch, depth = encoder.patch_size, encoder.transformer.depth
+    if out_stride != 1 and decoder != "progressive":
+        raise ValueError(f"an output stride of {out_stride} needs model.decoder='progressive', "
+                         f"got {decoder!r}; or set the stride to 1.")
     widths = model_cfg.get("decoder_widths", None)
-    widths = default_widths(patch) if widths is None else check_widths(widths, patch)
+    widths = (default_widths(patch, out_stride) if widths is None
+              else check_widths(widths, patch, out_stride))
     taps = model_cfg.get("taps", None)
     if decoder == "unetr":
         taps = default_taps(depth, patch) if taps is None else check_taps(taps, depth, patch)
@@ -270,16 +300,19 @@ def decoder_settings(model_cfg, encoder: vit.ViTConfig) -> dict:
         raise ValueError("model.taps is read only by model.decoder='unetr'; set it to None for "
                          f"the {decoder!r} decoder.")
     norm = conv_blocks.check_norm(model_cfg.get("norm", "batch"))
-    return dict(decoder=decoder, taps=taps, widths=widths, norm=norm)
+    settings = dict(decoder=decoder, taps=taps, widths=widths, norm=norm)
+    if out_stride != 1:
+        settings["out_stride"] = out_stride
+    return settings
 
 
 def make_decoder(encoder: vit.ViTConfig, *, decoder: str, taps, widths, norm: str,
-                 rngs: nnx.Rngs) -> nnx.Module:
+                 rngs: nnx.Rngs, out_stride: int = 1) -> nnx.Module:
     common = dict(token_width=encoder.transformer.width, image_channels=encoder.channels,
                   patch_size=encoder.patch_size, widths=widths, norm=norm,
                   dtype=encoder.transformer.dtype, rngs=rngs)
     if decoder == "progressive":
-        return ProgressiveDecoder(**common)
+        return ProgressiveDecoder(**common, out_stride=out_stride)
     return UnetrDecoder(**common, taps=taps)
 
 

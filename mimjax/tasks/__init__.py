@@ -10,12 +10,14 @@ from mimjax.run_config import ConfigError
 from mimjax.tasks.base import Task, TrainData
 from mimjax.tasks.classification import ClassificationTask
 from mimjax.tasks.image_text import ImageTextTask
+from mimjax.tasks.landmarks import LandmarkTask
 from mimjax.tasks.pretrain import PretrainTask
 from mimjax.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
     task.name: task
-    for task in (PretrainTask, ClassificationTask, ImageTextTask, SegmentationTask)
+    for task in (PretrainTask, ClassificationTask, ImageTextTask, SegmentationTask,
+                 LandmarkTask)
 }
 DEFAULT_TASK = PretrainTask.name  # configs without a `task` field pretrain
 
