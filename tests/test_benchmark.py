@@ -541,3 +541,63 @@ def test_segmentation_up_conv_is_flax_conv_transpose():
         np.testing.assert_allclose(dx_ours, dx_flax, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(g_ours["kernel"][...], g_flax["kernel"][...], atol=1e-4,
                                    rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- landmarks
+LM_TINY = os.path.join(ROOT, "configs", "landmarks_hand.py") + ":tiny"
+
+
+@pytest.mark.slow  # two jitted inits and steps to build: ~55 s on 2 shared cores
+def test_landmarks_compare_unet(tmp_path, capsys):
+    """The tiny ViT landmark step against the same config's U-Net in alternating
+    windows: both rows, the ratio, the table and the JSON (stdout's last line, --json)."""
+    out = tmp_path / "landmarks.json"
+    r = benchmark.run(["landmarks", "--config", LM_TINY, "--compare", "unet", "--batch", "8",
+                       "--steps", "1", "--windows", "1", "--warmup", "1",
+                       "--peak-tflops", "0.1", "--json", str(out), *FAST_COMPILE])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == r == json.loads(out.read_text())
+    assert printed[2].split() == ["ViT", "U-Net"]
+    assert any(line.startswith("speedup vs U-Net") for line in printed)
+    assert r["benchmark"] == "landmarks" and r["num_devices"] == 8 and r["batch"] == 8
+    assert (r["image_size"], r["num_landmarks"], r["sigma"], r["loss_type"]) == (
+        32, 37, 1.5, "bce")
+    unet = r["unet"]
+    assert (r["backbone"], r["variant"], r["decoder"], r["layer_decay"]) == (
+        "vit", "Ti/16", "progressive", 0.75)
+    assert (unet["backbone"], unet["variant"], unet["layer_decay"]) == ("unet", None, None)
+    assert unet["changes"] == ["model.backbone: 'vit' -> 'unet'",
+                               "optimizer.layer_decay: 0.75 -> None"]
+    for row in (r, unet):
+        assert len(row["step_times_s"]) == 1 and row["img_per_s"] > 0
+        assert row["img_per_s"] == pytest.approx(8 / row["step_time_s"])
+        assert row["loss"] == row["loss"] and abs(row["loss"]) < float("inf")  # finite
+        assert row["params_m"] > 0 and row["compile_s"] > 0
+        assert row["xla_gflops_per_step"] > 0 and 0 < row["mfu"] < 1
+        memory = row["memory"]
+        assert memory["compiled_peak_bytes"] == (memory["compiled_temp_bytes"]
+                                                 + memory["compiled_argument_bytes"]) > 0
+    assert r["speedup_vs_unet"] == pytest.approx(r["img_per_s"] / unet["img_per_s"])
+    assert r["peak_source"] == "--peak-tflops"
+
+
+def test_landmarks_synthetic_batch_and_errors():
+    """The pipeline's format (input_pipeline.landmarks.LandmarkAugment) with every point
+    inside the margins; a config of another task, and --compare unet on a U-Net, refused."""
+    import numpy as np
+
+    from tools.bench import landmark
+
+    config = landmark.build_config(LM_TINY, [], None, 8, None)
+    b = landmark.synthetic_batch(config, 8, np.random.default_rng(0), first_row=8)
+    assert set(b) == {"image", "landmarks", "landmark_valid", "index"}
+    assert b["image"].shape == (8, 32, 32, 1) and b["image"].dtype == np.float32
+    assert b["landmarks"].shape == (8, 37, 2) and b["landmarks"].dtype == np.float32
+    assert 4 <= b["landmarks"].min() and b["landmarks"].max() <= 32 - 5
+    assert b["landmark_valid"].dtype == bool and b["landmark_valid"].all()
+    np.testing.assert_array_equal(b["index"], np.arange(8, 16, dtype=np.int32))
+    with pytest.raises(cli.UsageError, match="landmark config"):
+        benchmark.run(["landmarks", "--config", os.path.join(ROOT, "configs", "demo.py")])
+    unet = landmark.build_config(LM_TINY, [("model.backbone", "unet")], None, None, None)
+    with pytest.raises(cli.UsageError, match="compares the ViT backbone"):
+        landmark.unet_config(unet)

@@ -11,6 +11,8 @@ Examples:
     python tools/benchmark.py mcr --config configs/mcr_demo.py --batch 64 --steps 3
     python tools/benchmark.py segmentation --config configs/segment_acdc.py --variant B/16 \\
         --image-size 128 --batch 8 --compare monai
+    python tools/benchmark.py landmarks --config configs/landmarks_hand.py --batch 16 \\
+        --compare unet
     python tools/benchmark.py loader --sweep
     python tools/benchmark.py loader --data /data/shards --workers 8 --seconds 5
 
@@ -31,13 +33,14 @@ import textwrap
 if __package__ in (None, ""):  # `python tools/benchmark.py`: put the repo root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools import cli  # noqa: E402
-from tools.bench import loader, mcr, pretrain, segmentation, timing  # noqa: E402
+from tools.bench import landmark, loader, mcr, pretrain, segmentation, timing  # noqa: E402
 
 # The subcommands, in --help order: name -> module (see tools/bench/__init__.py).
 BENCHMARKS = {
     "pretrain": pretrain,
     "mcr": mcr,
     "segmentation": segmentation,
+    "landmarks": landmark,
     "loader": loader,
 }
 
