@@ -241,7 +241,7 @@ def test_brats_no_cases(tmp_path):
 
 # --- ISBI 2015 cephalometric -----------------------------------------------------
 
-CEPH_IMAGES = {"TrainingData": ["001", "002"], "Test1Data": ["151"], "Test2Data": ["301"]}
+CEPH_IMAGES = {"TrainingData": ["001", "131"], "Test1Data": ["151"], "Test2Data": ["301"]}
 CEPH_SIZE = (60, 80)  # width, height
 
 
@@ -271,16 +271,20 @@ def _ceph_tree(root, flat=False):
 def test_ceph_rows(tmp_path, flat):
     root = _ceph_tree(tmp_path / "ceph", flat=flat)
     rows = builders.build_rows("isbi2015_ceph", root)
+    # The reference protocol: 1-130 train, 131-150 val, Test1 + Test2 pooled as test.
     assert {r.patient_id: r.split for r in rows} == {
         "001": "train",
-        "002": "train",
-        "151": "test1",
-        "301": "test2",
+        "131": "val",
+        "151": "test",
+        "301": "test",
     }
+    assert {r.patient_id: r.labels["challenge_set"] for r in rows} == {
+        "001": "train", "131": "train", "151": "test1", "301": "test2"}
     for r in rows:
         senior, junior = _ceph_points(r.patient_id, "senior"), _ceph_points(r.patient_id, "junior")
         assert os.path.isfile(r.path) and r.path.endswith(f"{r.patient_id}.bmp")
-        assert r.labels == {"landmarks_senior": senior, "landmarks_junior": junior}
+        assert r.labels == {"landmarks_senior": senior, "landmarks_junior": junior,
+                            "challenge_set": r.labels["challenge_set"]}
         assert len(r.landmarks) == 19
         assert r.landmarks == [[s[0], s[1] + 1] for s in senior]  # junior is 2 rows lower
         assert r.options == {"spacing": [0.1, 0.1]}
@@ -295,12 +299,12 @@ def test_ceph_missing_annotation_is_named(tmp_path):
 
 def test_ceph_bad_annotation(tmp_path):
     root = _ceph_tree(tmp_path / "ceph")
-    path = os.path.join(root, "AnnotationsByMD", "400_senior", "002.txt")
+    path = os.path.join(root, "AnnotationsByMD", "400_senior", "131.txt")
     _write_text(path, "10,20\n" * 18)
     with pytest.raises(LayoutError, match="18 landmark lines, expected 19"):
         landmarks.ceph_rows(root)
     _write_text(path, "10;20\n" * 19)
-    with pytest.raises(LayoutError, match=r"002\.txt:1: expected 'x,y'"):
+    with pytest.raises(LayoutError, match=r"131\.txt:1: expected 'x,y'"):
         landmarks.ceph_rows(root)
 
 
@@ -529,7 +533,7 @@ def _ceph_tree_with_blobs(root):
 def test_ceph_prepare_data_landmarks_follow_the_image(tmp_path):
     root = _ceph_tree_with_blobs(tmp_path / "ceph")
     decoded = _prepare("isbi2015_ceph", root, str(tmp_path / "out"), size=64)
-    assert sorted(decoded) == ["test1", "test2", "train"]
+    assert sorted(decoded) == ["test", "train", "val"]
     for image, meta, _ in [r for recs in decoded.values() for r in recs]:
         assert image.shape == (64, 64) and len(meta["landmarks"]) == 19
         bright = image > image.max() / 2

@@ -17,19 +17,23 @@ landmarks marked by a senior and a junior orthodontist. Download from the
 challenge pages of Ching-Wei Wang (NTUST, ISBI 2015 Grand Challenge 1) or
 their mirrors; check the terms there. Layout as the archive unpacks:
 
-    ROOT/RawImage/TrainingData/001.bmp ... 150.bmp   -> split "train"
-    ROOT/RawImage/Test1Data/151.bmp ... 300.bmp      -> split "test1"
-    ROOT/RawImage/Test2Data/301.bmp ... 400.bmp      -> split "test2"
+    ROOT/RawImage/TrainingData/001.bmp ... 150.bmp   -> challenge set "train"
+    ROOT/RawImage/Test1Data/151.bmp ... 300.bmp      -> challenge set "test1"
+    ROOT/RawImage/Test2Data/301.bmp ... 400.bmp      -> challenge set "test2"
     ROOT/AnnotationsByMD/400_senior/001.txt ... 400.txt
     ROOT/AnnotationsByMD/400_junior/001.txt ... 400.txt
 
 (Zhu et al.'s flat copy, ``ROOT/raw/*.bmp`` with ``ROOT/400_senior`` and
-``ROOT/400_junior``, is read too, with the same splits by image number.)
+``ROOT/400_junior``, is read too, with the same sets by image number.)
+Splits are those of the reference protocol (Zhu et al.'s GU2Net code, which the
+landmark-transfer literature follows): images 1-130 "train", 131-150 "val", and Test1
+and Test2 pooled as "test" (250 images); ``labels["challenge_set"]`` keeps "train",
+"test1" or "test2" for results reported per challenge test set.
 An annotation file has 19 ``x,y`` lines, then classification lines that are
-ignored. ``landmarks`` is the mean of the two doctors (the usual ground
-truth); ``labels["landmarks_senior"]``/``["landmarks_junior"]`` keep each one.
-Test1 and Test2 are the challenge's two test sets, kept apart as the
-literature reports them separately. BMP has no spacing, so the rows carry
+ignored. ``landmarks`` is the mean of the two doctors (the reference protocol's
+ground truth; the challenge itself scored against the senior doctor alone, so
+numbers differ from the challenge's tables);
+``labels["landmarks_senior"]``/``["landmarks_junior"]`` keep each one. BMP has no spacing, so the rows carry
 ``options["spacing"] = [0.1, 0.1]`` (mm, row then column), which the reader
 must use as the source spacing.
 
@@ -88,8 +92,18 @@ CEPH_HINT = (
 CEPH_NUM_LANDMARKS = 19
 CEPH_SPACING_MM = 0.1
 CEPH_SPLIT_DIRS = {"TrainingData": "train", "Test1Data": "test1", "Test2Data": "test2"}
-# Upper image number of each split, for the flat layout without split folders.
+# Upper image number of each challenge set, for the flat layout without set folders.
 CEPH_SPLIT_BY_NUMBER = ((150, "train"), (300, "test1"), (400, "test2"))
+CEPH_PROTOCOL_TRAIN = 130  # training images 1..130 train, 131..150 val (GU2Net's split)
+
+
+def ceph_protocol_split(image_id: str, challenge_set: str) -> str:
+    """The reference protocol's split of a cephalogram: train / val / test (both
+    challenge test sets)."""
+    if challenge_set != "train":
+        return "test"
+    number = int(image_id) if image_id.isdigit() else 0
+    return "train" if number <= CEPH_PROTOCOL_TRAIN else "val"
 
 HAND = "Hand X-ray landmarks"
 HAND_HINT = (
@@ -208,7 +222,7 @@ def ceph_rows(root: str) -> list[ManifestRow]:
     if missing:
         raise layout_error(root, missing, CEPH, CEPH_HINT)
     rows = []
-    for path, split in images:
+    for path, challenge_set in images:
         image_id = _stem(os.path.basename(path))
         senior = read_ceph_annotation(os.path.join(senior_dir, image_id + ".txt"))
         junior = read_ceph_annotation(os.path.join(junior_dir, image_id + ".txt"))
@@ -217,9 +231,10 @@ def ceph_rows(root: str) -> list[ManifestRow]:
             ManifestRow(
                 path=path,
                 patient_id=image_id,
-                labels={"landmarks_senior": senior, "landmarks_junior": junior},
+                labels={"landmarks_senior": senior, "landmarks_junior": junior,
+                        "challenge_set": challenge_set},
                 landmarks=mean,
-                split=split,
+                split=ceph_protocol_split(image_id, challenge_set),
                 options={"spacing": [CEPH_SPACING_MM, CEPH_SPACING_MM]},
                 source=os.path.relpath(path, root),
             )
