@@ -68,21 +68,21 @@ def landmark_defaults():
     c.landmarks = ml_collections.ConfigDict(dict(
         decode="softargmax", thresholds=(2.0, 2.5, 3.0, 4.0, 6.0, 9.0, 10.0), figure_images=4))
 
-    c.global_batch_size = 16
-    c.total_steps = 600
-    c.warmup_steps = 50
-    c.optimizer.base_lr = 1e-3 * 256 / 16  # lr 1e-3 (AdamW)
+    c.global_batch_size = 8
+    c.total_steps = 400
+    c.warmup_steps = 40
+    c.optimizer.base_lr = 1e-3 * 256 / 8  # lr 1e-3 (AdamW)
     c.optimizer.b2 = 0.999
     c.optimizer.weight_decay = 0.05
     c.optimizer.layer_decay = 0.75  # pretrained encoder blocks learn slower than the decoder
     c.optimizer.grad_clip_norm = 1.0
 
     c.log_every = 20
-    c.eval_every = 200
-    c.eval_batch_size = 32
+    c.eval_every = 100
+    c.eval_batch_size = 8
     c.eval_use_ema = False
-    c.checkpoint_every = 200
-    c.figure_every = 200  # unused: figures come with each eval
+    c.checkpoint_every = 100
+    c.figure_every = 100  # unused: figures come with each eval
     return c
 
 

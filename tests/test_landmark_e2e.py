@@ -85,3 +85,28 @@ def test_config_mistakes_are_named(tmp_path, data_dir, overrides, message):
     proc = _run(tmp_path / "bad", data_dir, *overrides, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+@pytest.mark.slow
+def test_landmarks_from_an_imported_hf_vit(tmp_path, data_dir):
+    """An ImageNet-style HF ViT the user downloaded (here a random one of the same
+    architecture), imported with tools/import_pytorch.py, initialises the encoder; its
+    three input channels are summed into the phantom's one."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        image_size=32, patch_size=16, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-12,
+        num_labels=2)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(hf_config).save_pretrained(str(tmp_path / "hf"))
+    from helpers import run_tool
+
+    imported = tmp_path / "imported"
+    proc = run_tool("import_pytorch", "--from", "hf", tmp_path / "hf", "--out", imported)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    workdir = tmp_path / "from_hf"
+    proc = _run(workdir, data_dir, f"--config.init={imported}", "--config.model.posemb=learn",
+                "--config.model.gelu_approximate=False", "--config.model.layer_norm_eps=1e-12")
+    _check_outputs(workdir)
+    assert "Pretrained encoder: loaded" in proc.stderr

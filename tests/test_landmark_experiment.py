@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from helpers import run_main
 from input_pipeline import landmarks
 from mimjax import run_config
 from mimjax.drivers import arms as arm_driver
+
+from helpers import run_main
 
 CONFIG = "configs/experiments/landmark_transfer.py"
 ENCODERS = ("scratch", "in_domain", "natural")

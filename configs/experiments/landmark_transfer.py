@@ -48,10 +48,10 @@ LABELS = {"100": None, "25": 0.25, "10": 0.10}
 # The natural-photo crops' intensity mean and std in [0, 1] units (measured with
 # input_pipeline.pipeline.measure_intensity_stats, 256 of the 1,000 crops at 256 px).
 NATURAL_NORM = (0.39, 0.22)
-# Demo-scale budgets, sized to the 45-minute limit from the measured step times on 2
-# cores: an MAE step of 32 crops ~0.25 s, a landmark step of 8 images ~0.47 s.
+# The demo-scale pretraining budget, sized with the arms' (configs/landmarks_hand.py:
+# 400 steps of 8, ~0.47 s each) to the 45-minute limit on 2 cores (an MAE step of 32
+# crops takes ~0.2 s).
 PRETRAIN_STEPS = 600
-FINETUNE_STEPS = 400
 
 
 def _pretraining(arg, data_dir, source: str) -> ml_collections.ConfigDict:
@@ -100,11 +100,6 @@ def _arm(arg, data_dir, label_fraction) -> ml_collections.ConfigDict:
     if not arg or arg == "tiny":
         c.data.dir = data_dir
     c.data.label_fraction = label_fraction
-    if not arg:
-        c.global_batch_size = c.eval_batch_size = 8
-        c.optimizer.base_lr = 1e-3 * 256 / 8  # lr 1e-3
-        c.total_steps, c.warmup_steps = FINETUNE_STEPS, 40
-        c.eval_every = c.checkpoint_every = FINETUNE_STEPS // 4
     return c
 
 

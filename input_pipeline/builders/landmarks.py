@@ -33,9 +33,9 @@ An annotation file has 19 ``x,y`` lines, then classification lines that are
 ignored. ``landmarks`` is the mean of the two doctors (the reference protocol's
 ground truth; the challenge itself scored against the senior doctor alone, so
 numbers differ from the challenge's tables);
-``labels["landmarks_senior"]``/``["landmarks_junior"]`` keep each one. BMP has no spacing, so the rows carry
-``options["spacing"] = [0.1, 0.1]`` (mm, row then column), which the reader
-must use as the source spacing.
+``labels["landmarks_senior"]``/``["landmarks_junior"]`` keep each one. BMP has
+no spacing, so the rows carry ``options["spacing"] = [0.1, 0.1]`` (mm, row then
+column), which the reader must use as the source spacing.
 
 Hand X-rays, 37 landmarks (``hand_landmarks``; Payer et al., MedIA 54, 2019,
 on radiographs of the Digital Hand Atlas, Gertych et al. 2007,

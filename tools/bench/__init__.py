@@ -8,6 +8,7 @@ pretrain    the MAE / MIRAM step (against HF ViTMAE with hf_vitmae)
 mcr         the image-text step against its CLIP and two-stream variants
 loader      the input pipeline
 segmentation  the segmentation step (against MONAI's UNETR with --compare monai)
+landmark    the landmark heatmap step (against the U-Net backbone with --compare unet)
 
 A benchmark module has `add_parser(subparsers)`, `run(args, overrides, log) -> dict`,
 `format_table(result) -> str` and `RUNS_ON_EVERY_HOST` (True where every process of a
