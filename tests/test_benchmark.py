@@ -596,7 +596,7 @@ def test_landmarks_synthetic_batch_and_errors():
     assert 4 <= b["landmarks"].min() and b["landmarks"].max() <= 32 - 5
     assert b["landmark_valid"].dtype == bool and b["landmark_valid"].all()
     np.testing.assert_array_equal(b["index"], np.arange(8, 16, dtype=np.int32))
-    with pytest.raises(cli.UsageError, match="landmark config"):
+    with pytest.raises(cli.UsageError, match="needs a landmarks config"):
         benchmark.run(["landmarks", "--config", os.path.join(ROOT, "configs", "demo.py")])
     unet = landmark.build_config(LM_TINY, [("model.backbone", "unet")], None, None, None)
     with pytest.raises(cli.UsageError, match="compares the ViT backbone"):

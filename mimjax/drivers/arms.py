@@ -84,6 +84,19 @@ def run_arms(config, workdir: str) -> dict[str, dict]:
     return results
 
 
+def run_experiment(config, workdir: str, *, results_rows, difference_rows, heading: str,
+                   over: str) -> list[dict]:
+    """Checks, pretrains, trains every arm and writes the tables: the driver's
+    `results_rows(config, results)` and `difference_rows(config, results)` read the
+    arms' test_metrics.json; returns the results rows."""
+    check_arms(config)
+    os.makedirs(workdir, exist_ok=True)
+    results = run_arms(config, workdir)
+    rows = results_rows(config, results)
+    write_tables(workdir, rows, difference_rows(config, results), heading=heading, over=over)
+    return rows
+
+
 def write_tables(workdir: str, rows: list[dict], differences: list[dict], *,
                  heading: str, over: str) -> str:
     """results.csv, differences.csv and results.md; returns the Markdown."""

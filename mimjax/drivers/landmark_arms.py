@@ -13,7 +13,6 @@ results.md (both tables).
 from __future__ import annotations
 
 import logging
-import os
 
 from mimjax.drivers import arms
 from mimjax.evaluators import landmark_metrics
@@ -63,11 +62,7 @@ def difference_rows(config, results: dict[str, dict]) -> list[dict]:
 
 def run_experiment(config, workdir: str) -> list[dict]:
     """Pretrain, train every arm, tabulate; writes and returns the results rows."""
-    arms.check_arms(config)
-    os.makedirs(workdir, exist_ok=True)
-    results = arms.run_arms(config, workdir)
-    rows = results_rows(config, results)
-    arms.write_tables(workdir, rows, difference_rows(config, results),
-                      heading="Test split, means over images and landmarks:",
-                      over="test images")
-    return rows
+    return arms.run_experiment(config, workdir, results_rows=results_rows,
+                               difference_rows=difference_rows,
+                               heading="Test split, means over images and landmarks:",
+                               over="test images")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 from mimjax.drivers import arms
 from mimjax.evaluators import segmentation_metrics
@@ -56,10 +55,6 @@ def difference_rows(config, results: dict[str, dict]) -> list[dict]:
 
 def run_experiment(config, workdir: str) -> list[dict]:
     """Pretrain, train every arm, tabulate; writes and returns the results rows."""
-    arms.check_arms(config)
-    os.makedirs(workdir, exist_ok=True)
-    results = arms.run_arms(config, workdir)
-    rows = results_rows(config, results)
-    arms.write_tables(workdir, rows, difference_rows(config, results),
-                      heading="Test split, per-volume means:", over="test volumes")
-    return rows
+    return arms.run_experiment(config, workdir, results_rows=results_rows,
+                               difference_rows=difference_rows,
+                               heading="Test split, per-volume means:", over="test volumes")

@@ -20,7 +20,7 @@ import numpy as np
 
 from mimjax import sharding
 from mimjax.evaluators import classification
-from mimjax.evaluators.hooks import EvalHook, HookContext, uses_ema
+from mimjax.evaluators.hooks import EvalHook, HookContext, eval_batch_size, uses_ema
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,7 @@ class ClassifierEvaluator:
         self.label_key = objective.label_key
         self.multilabel = bool(objective.get("multilabel", False))
         self.class_names = tuple(config.finetune.class_names)
-        batch_size = int(config.get("eval_batch_size", None) or config.global_batch_size)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch_size % shards:
-            raise ValueError(
-                f"eval_batch_size {batch_size} must split evenly over the "
-                f"{shards} batch shards (mesh data x fsdp); change it."
-            )
+        batch_size = eval_batch_size(config, mesh)
         self.batches = finetune.make_eval_batches(
             config.data,
             split,

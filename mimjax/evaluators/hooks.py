@@ -29,6 +29,17 @@ class HookContext:
     params_target: Any      # abstract params with the run's shardings (restore target)
 
 
+def eval_batch_size(config, mesh) -> int:
+    """`config.eval_batch_size` (default: the global batch), checked against the mesh's
+    batch shards: every eval batch is split over them."""
+    batch_size = int(config.get("eval_batch_size", None) or config.global_batch_size)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise ValueError(f"eval_batch_size {batch_size} must split evenly over the {shards} "
+                         "batch shards (mesh data x fsdp); change it.")
+    return batch_size
+
+
 def uses_ema(config) -> bool:
     """`config.eval_use_ema`, refused without an EMA to evaluate."""
     use_ema = bool(config.get("eval_use_ema", False))

@@ -28,7 +28,7 @@ import numpy as np
 from mimjax import sharding
 from mimjax.evaluators import landmark_decoding, landmark_figures, landmark_metrics
 from mimjax.evaluators.best_hook import BestOfValHook
-from mimjax.evaluators.hooks import HookContext
+from mimjax.evaluators.hooks import HookContext, eval_batch_size
 from mimjax.objectives import landmark_heatmap
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,7 @@ class LandmarkEvaluator:
     def __init__(self, config, spec, mesh, split: str):
         from input_pipeline import landmarks  # grain import kept off the metric paths
 
-        batch_size = int(config.get("eval_batch_size", None) or config.global_batch_size)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch_size % shards:
-            raise ValueError(f"eval_batch_size {batch_size} must split evenly over the {shards} "
-                             "batch shards (mesh data x fsdp); change it.")
+        batch_size = eval_batch_size(config, mesh)
         self.split, self.settings = split, settings(config)
         self.data = landmarks.LandmarkEvalSet(config.data, split, batch_size=batch_size,
                                               image_size=config.model.image_size)

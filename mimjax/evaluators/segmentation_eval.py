@@ -31,7 +31,7 @@ import numpy as np
 from mimjax import sharding
 from mimjax.evaluators import segmentation_metrics, segmentation_overlays
 from mimjax.evaluators.best_hook import BestOfValHook
-from mimjax.evaluators.hooks import HookContext
+from mimjax.evaluators.hooks import HookContext, eval_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,7 @@ class SegmentationEvaluator:
     def __init__(self, config, spec, mesh, split: str):
         from input_pipeline import segmentation_eval  # grain import kept off the metric paths
 
-        batch_size = int(config.get("eval_batch_size", None) or config.global_batch_size)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch_size % shards:
-            raise ValueError(f"eval_batch_size {batch_size} must split evenly over the {shards} "
-                             "batch shards (mesh data x fsdp); change it.")
+        batch_size = eval_batch_size(config, mesh)
         self.split = split
         self.data = segmentation_eval.make_segmentation_eval(
             config.data, split, batch_size=batch_size, image_size=config.model.image_size)

@@ -50,7 +50,6 @@ import os
 
 from tools import cli
 from tools.bench import timing, train_step
-from tools.bench.segmentation import VARIANT_FIELDS
 
 # Every process of a multi-host run builds and times the sharded steps; the first reports.
 RUNS_ON_EVERY_HOST = True
@@ -101,27 +100,9 @@ def _config_path(spec: str) -> str:
 def build_config(spec: str, overrides, image_size: int | None, batch: int | None,
                  variant: str | None):
     """The benchmarked config: file + overrides, --variant, --image-size, --batch."""
-    from mimjax.models import vit
-
-    config = train_step.load_config(_config_path(spec), overrides, batch=batch)
-    if config.get("task", None) != "landmarks":
-        raise cli.UsageError(f"--config: the landmarks benchmark needs a landmark config "
-                             f"(task 'landmarks'), got task {config.get('task')!r}; e.g. "
-                             f"{DEFAULT_CONFIG}.")
-    if variant:
-        try:
-            vit.parse_variant(variant)
-        except ValueError as error:
-            raise cli.UsageError(f"--variant: {error}") from None
-        config.model.variant = variant
-        given = {key for key, _ in overrides}
-        for field in VARIANT_FIELDS:  # the command line's own overrides win
-            if f"model.{field}" not in given:
-                config.model[field] = None
-    if image_size:
-        config.data.image_size = image_size
-        config.model.image_size = image_size
-    return config
+    return train_step.load_task_config(
+        _config_path(spec), overrides, task="landmarks", example=DEFAULT_CONFIG, batch=batch,
+        variant=variant, image_size=image_size)
 
 
 def unet_config(config):

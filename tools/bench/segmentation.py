@@ -77,8 +77,6 @@ RUNS_ON_EVERY_HOST = True
 # What MONAI's UNETR fixes: patch 16, 12 blocks, skips from hidden_states_out[3], [6],
 # [9] (blocks 4, 7, 10, 1-based) and the final normed output.
 UNETR_PATCH, UNETR_DEPTH, UNETR_TAPS = 16, 12, (4, 7, 10, 12)
-# The encoder fields a --variant resets so that the variant's sizes apply.
-VARIANT_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
 # --compare monai's defaults for what the command line leaves unset (module docstring).
 COMPARE_DEFAULTS = {"variant": "S/16", "image_size": 128, "batch": 8}
 
@@ -115,7 +113,6 @@ def build_config(spec: str, overrides, image_size: int | None, batch: int | None
     """The benchmarked config: file + overrides, --variant, --image-size, --batch, then
     (with --compare monai) the UNETR alignment. Returns (config, the alignment's changes).
     The MONAI process builds it again from the same arguments."""
-    from mimjax.models import vit
 
     if compare == "monai":  # unless the command line sets them, flags or overrides
         given = {key for key, _ in overrides}
@@ -125,24 +122,9 @@ def build_config(spec: str, overrides, image_size: int | None, batch: int | None
             image_size = COMPARE_DEFAULTS["image_size"]
         if batch is None and "global_batch_size" not in given:
             batch = COMPARE_DEFAULTS["batch"]
-    config = train_step.load_config(spec, overrides, batch=batch)
-    if config.get("task", None) != "segmentation":
-        raise cli.UsageError(f"--config: the segmentation benchmark needs a segmentation "
-                             f"config (task 'segmentation'), got task {config.get('task')!r}; "
-                             "e.g. configs/segment_acdc.py.")
-    if variant:
-        try:
-            vit.parse_variant(variant)
-        except ValueError as error:
-            raise cli.UsageError(f"--variant: {error}") from None
-        config.model.variant = variant
-        given = {key for key, _ in overrides}
-        for field in VARIANT_FIELDS:  # the command line's own overrides win
-            if f"model.{field}" not in given:
-                config.model[field] = None
-    if image_size:
-        config.data.image_size = image_size
-        config.model.image_size = image_size
+    config = train_step.load_task_config(
+        spec, overrides, task="segmentation", example="configs/segment_acdc.py", batch=batch,
+        variant=variant, image_size=image_size)
     changes = align_to_unetr(config) if compare == "monai" else []
     return config, changes
 

@@ -71,6 +71,37 @@ def load_config(spec: str, overrides, *, batch: int | None = None):
     return config
 
 
+# The encoder fields a --variant resets so that the variant's sizes apply.
+VARIANT_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+
+
+def load_task_config(spec: str, overrides, *, task: str, example: str, batch: int | None,
+                     variant: str | None, image_size: int | None):
+    """`load_config`, refused unless its task is `task`, then `--variant` (the config's
+    width / depth / heads / MLP reset unless the command line sets them) and
+    `--image-size` (data and model alike)."""
+    from mimjax.models import vit
+
+    config = load_config(spec, overrides, batch=batch)
+    if config.get("task", None) != task:
+        raise cli.UsageError(f"--config: this benchmark needs a {task} config (task "
+                             f"{task!r}), got task {config.get('task')!r}; e.g. {example}.")
+    if variant:
+        try:
+            vit.parse_variant(variant)
+        except ValueError as error:
+            raise cli.UsageError(f"--variant: {error}") from None
+        config.model.variant = variant
+        given = {key for key, _ in overrides}
+        for field in VARIANT_FIELDS:  # the command line's own overrides win
+            if f"model.{field}" not in given:
+                config.model[field] = None
+    if image_size:
+        config.data.image_size = image_size
+        config.model.image_size = image_size
+    return config
+
+
 # ----------------------------------------------------------------------------- the step
 class MimjaxTrainStep(timing.Timed):
     """The trainer's step built from `config`, compiled once for a fixed synthetic batch
