@@ -26,11 +26,13 @@ a killed experiment):
 The paper's finding: in-domain pretraining on a small dataset brings marginal or no
 gain over ImageNet pretraining.
 
-Paper scale: `configs/experiments/landmark_transfer.py:/data/hand` (a tools/prepare_data.py
-root of the hand_landmarks builder; ceph and chest roots work the same way through
-their landmark configs) pretrains `in_domain` on that root's train images; for the
-natural-image arm import an ImageNet ViT or MAE you have downloaded (tools/
-import_pytorch.py, e.g. facebook/vit-mae-base -> /ckpt/mae_in1k) and pass
+Paper scale: `configs/experiments/landmark_transfer.py:hand=/data/hand` (likewise
+`ceph=/data/ceph`, `chest=/data/chest`: tools/prepare_data.py roots of the
+hand_landmarks, isbi2015_ceph and chest_landmarks builders) runs the arms of that
+dataset's config (configs/landmarks_{hand,ceph,chest}.py, ViT-B/16 at 512 px) and
+pretrains `in_domain` on the root's train images; for the natural-image arm import an
+ImageNet ViT or MAE you have downloaded (tools/import_pytorch.py, e.g.
+facebook/vit-mae-base -> /ckpt/mae_in1k) and pass
 `--config.arm_init.natural_100=/ckpt/mae_in1k` (likewise natural_25, natural_10), or
 keep the natural-photo pretraining.
 
@@ -40,7 +42,7 @@ Expected wall time on a 2-core CPU: see the README's landmark transfer table.
 
 import ml_collections
 
-from configs import demo, landmarks_hand
+from configs import demo, landmarks_ceph, landmarks_chest, landmarks_hand
 from configs.pretrain_base import use_vit_b16
 
 ENCODERS = ("scratch", "in_domain", "natural")
@@ -54,14 +56,36 @@ NATURAL_NORM = (0.39, 0.22)
 PRETRAIN_STEPS = 600
 
 
+DATASETS = {"hand": landmarks_hand, "ceph": landmarks_ceph, "chest": landmarks_chest}
+
+
+def _dataset(arg):
+    """(landmark config module, prepared root or None): `hand=ROOT`, `ceph=ROOT`,
+    `chest=ROOT`, a bare ROOT (hand), or None / "tiny" (the hand phantom)."""
+    if not arg or arg == "tiny":
+        return landmarks_hand, None
+    name, sep, root = arg.partition("=")
+    if not sep:
+        return landmarks_hand, arg
+    if name not in DATASETS:
+        raise ValueError(f"configs/experiments/landmark_transfer.py takes NAME=ROOT with NAME "
+                         f"one of {sorted(DATASETS)}, got {arg!r}.")
+    return DATASETS[name], root
+
+
+def _arm_config(arg):
+    module, root = _dataset(arg)
+    return module.get_config("tiny" if arg == "tiny" else root)
+
+
 def _pretraining(arg, data_dir, source: str) -> ml_collections.ConfigDict:
-    """MAE (one scale) with the landmark encoder's size: 128 px, patch 16."""
+    """MAE (one scale) with the landmark encoder's size and input normalisation."""
     c = demo.get_config("tiny" if arg == "tiny" else None)
     del c["evals"]  # the demo's probe reads the mammography phantom
     c.data.dir = data_dir
     c.data.pydicom_cr = False
     c.data.source = source
-    arm = landmarks_hand.get_config("tiny" if arg == "tiny" else None)
+    arm = _arm_config(arg)
     for field in ("variant", "width", "depth", "num_heads", "image_size"):
         c.model[field] = arm.model[field]
     c.model.scales = [c.model.image_size]
@@ -76,10 +100,11 @@ def _pretraining(arg, data_dir, source: str) -> ml_collections.ConfigDict:
     if arg == "tiny":
         c.data.phantom_num_images, c.data.phantom_size = 24, 64
         c.model.mlp_dim = arm.model.mlp_dim
-    elif arg:
+    elif arg:  # in-domain: the prepared root's train images (their labels unused)
         c.data.source = "prepared" if source == "hand_phantom" else source
         if source == "hand_phantom":
-            c.data.dir = arg
+            c.data.dir = _dataset(arg)[1]
+            c.data.norm_mean, c.data.norm_std = arm.data.norm_mean, arm.data.norm_std
         use_vit_b16(c.model)
         c.model.image_size, c.model.scales = 512, [512]
         c.model.decoder = ml_collections.ConfigDict(
@@ -96,7 +121,7 @@ def _pretraining(arg, data_dir, source: str) -> ml_collections.ConfigDict:
 
 
 def _arm(arg, data_dir, label_fraction) -> ml_collections.ConfigDict:
-    c = landmarks_hand.get_config(arg if arg else None)
+    c = _arm_config(arg)
     if not arg or arg == "tiny":
         c.data.dir = data_dir
     c.data.label_fraction = label_fraction
