@@ -30,7 +30,7 @@ from configs.landmarks_base import landmark_defaults, use_prepared, use_tiny
 
 # The chest X-ray phantom's intensity mean and std in [0, 1] units, measured with
 # input_pipeline.pipeline.measure_intensity_stats (64 images at 256 px).
-CXR_PHANTOM_NORM = (0.38, 0.21)
+CXR_PHANTOM_NORM = (0.44, 0.25)
 
 
 def get_config(arg=None):
