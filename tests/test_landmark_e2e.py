@@ -58,7 +58,7 @@ def test_landmarks_from_a_pretraining_load_the_encoder(tmp_path, data_dir):
     run_main("configs/demo.py:tiny", pretraining, f"--config.data.dir={data_dir}",
              "--config.data.source=hand_phantom", "--config.data.phantom_num_images=24",
              "--config.data.phantom_size=64", "--config.model.variant=Ti/16",
-             "--config.model.scales=[32,64]", "--config.evals=None")
+             "--config.model.scales=[32,64]")
     workdir = tmp_path / "finetune"
     proc = _run(workdir, data_dir, f"--config.init={pretraining}",
                 "--config.data.label_fraction=0.5")

@@ -12,11 +12,12 @@ is a dense feature map and a 1x1 conv:
   blocks, and exports write the encoder alone.
 - backbone "unet": the 2-D U-Net (mimjax.models.unet). Parameters `{"unet",
   "heatmap_head"}`.
-`model.heatmap_stride` (ViT only; default 1): the decoder stops at S / stride and the
-head's logits are upsampled bilinearly to S. Many landmarks need many channels where the
-heatmaps are read (a 1x1 conv makes each of 37 maps a mix of the last features), and at
-full resolution wide features cost the most; at stride 2 the last stage is 4x cheaper
-per channel, so it can be wide (the hand config: 48 channels at S / 2 for 37 maps).
+`model.heatmap_stride` (ViT only, the U-Net ignores it; default 1): the decoder stops at
+S / stride and the head's logits are upsampled bilinearly to S. Many landmarks need
+many channels where the heatmaps are read (a 1x1 conv makes each of 37 maps a mix of the
+last features), and at full resolution wide features cost the most; at stride 2 the last
+stage is 4x cheaper per channel, so it can be wide (the hand config: 48 channels at
+S / 2 for 37 maps).
 Points, targets and decoding stay in input pixels.
 The head is one 1x1 convolution in float32. Its bias starts at `model.head_bias`
 (default -4: sigmoid 0.018): a Gaussian target of sigma 3 px covers about 2 pi sigma^2
@@ -98,9 +99,8 @@ def build_heatmap_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
     head_bias = float(model_cfg.get("head_bias", DEFAULT_HEAD_BIAS))
     stride = model_cfg.get("heatmap_stride", 1)
     if segmenter.check_backbone(model_cfg) == "unet":
-        if stride != 1:
-            raise ValueError(f"model.heatmap_stride={stride} is read by the ViT backbone only; "
-                             "set it to 1 for the U-Net.")
+        # The U-Net's last level is full resolution and as wide as its first: it reads
+        # its heatmaps there, and ignores the ViT decoder's fields (stride, widths).
         return UNetHeatmapModel(**segmenter.unet_settings(model_cfg), num_landmarks=count,
                                 head_bias=head_bias, rngs=rngs)
     encoder = vit.vit_config_from(model_cfg)
