@@ -27,21 +27,19 @@ FLOPs. There is no model-FLOP formula here: TFLOP/s and MFU are XLA's counted FL
 the compiled step (cost analysis, forward + backward + optimizer) / step time / the
 peak (a JAX f32 matmul measured between rounds, or --peak-tflops), for both rows alike.
 
-One run on a 2-core CPU (AMD EPYC, one JAX device, float32), about 2.5 minutes:
+One run on a 2-core CPU alone (AMD EPYC, one JAX device, float32; the hand config:
+ViT width 192, 4 blocks, patch 16, 128 px, heatmaps at stride 2, 37 landmarks, batch 8),
+under a minute:
     python tools/benchmark.py landmarks --config configs/landmarks_hand.py \\
-        --compare unet --batch 16 --steps 3 --windows 3
+        --compare unet --steps 3 --windows 3
                                       ViT        U-Net
-    images / s                      10.44        6.89
-    step time median (s)            1.532        2.321
-    parameters (M)                  2.185        1.966
-    XLA GFLOP / step                 40.8         86.5
-    MFU (XLA FLOPs)                 23.6%        33.1%   (peak: 0.113 TFLOP/s measured)
-    memory, compiled (MiB)          662.5        673.2
-    compile (s)                      20.5         17.0
-    speedup vs U-Net: 1.51x images/s. Other jobs shared the host (load average 4.8 ->
-    4.1, CPU utilisation about 45 %), so the step times are loose: another run of the
-    same command under the same load gave 9.56 and 4.89 images/s (1.95x). XLA's FLOP
-    counts do not depend on the load: the ViT step needs less than half the U-Net's.
+    images / s                      17.78        12.59
+    step time median (s)            0.450        0.636
+    parameters (M)                  2.209        1.966
+    XLA GFLOP / step                 23.2         43.4
+    MFU (XLA FLOPs)                 24.8%        32.9%   (peak: 0.208 TFLOP/s measured)
+    memory, compiled (MiB)          334.9        391.1
+    speedup vs U-Net: 1.41x images/s, with about half the U-Net's FLOPs per step.
 """
 
 from __future__ import annotations
