@@ -49,6 +49,18 @@ def scale_of(matrix: np.ndarray) -> float:
     return math.sqrt(abs(float(np.linalg.det(np.asarray(matrix, np.float64)[:, :2]))))
 
 
+def resize_pad_matrix(stored: dict) -> tuple[np.ndarray, tuple[int, int]]:
+    """(2 x 3 affine original -> stored pixels, the original (H, W)) of the ingestion's
+    resize and pad (ingest/preprocess.Geometry.to_json(): source_shape, resized_shape,
+    pad). OpenCV's pixel-centre resize: x' = (x + 0.5) sx - 0.5 + left, likewise y."""
+    source = [int(v) for v in stored["source_shape"]][-2:]
+    resized = [int(v) for v in (stored.get("resized_shape") or source)][-2:]
+    top, left = (int(v) for v in stored["pad"])
+    sy, sx = resized[0] / source[0], resized[1] / source[1]
+    matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5 + left], [0.0, sy, 0.5 * sy - 0.5 + top]])
+    return matrix, (source[0], source[1])
+
+
 def fit_matrix(in_shape: Sequence[int], out_size: int) -> np.ndarray:
     """The affine that scales an (H, W) image to fit (out_size, out_size), aspect
     ratio kept, centred (the short side padded equally on both sides)."""

@@ -91,13 +91,7 @@ def stored_geometry(meta: dict, stored_shape) -> tuple[np.ndarray, tuple[int, in
     g = meta.get("geometry")
     if not g:
         return np.array([[1.0, 0, 0], [0, 1.0, 0]]), (int(stored_shape[0]), int(stored_shape[1]))
-    source = [int(v) for v in g["source_shape"]][-2:]
-    resized = [int(v) for v in (g.get("resized_shape") or source)][-2:]
-    top, left = (int(v) for v in g["pad"])
-    sy, sx = resized[0] / source[0], resized[1] / source[1]
-    # Pixel-centre resize (OpenCV's): x' = (x + 0.5) sx - 0.5 + left, likewise y.
-    matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5 + left], [0.0, sy, 0.5 * sy - 0.5 + top]])
-    return matrix, (source[0], source[1])
+    return geometry.resize_pad_matrix(g)
 
 
 class LandmarkReader:

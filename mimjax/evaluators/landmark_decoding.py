@@ -182,12 +182,9 @@ class InputGeometry:
         """From the ingestion engine's stored geometry (input_pipeline.ingest.preprocess
         .Geometry.to_json(): source_shape, resized_shape, pad) and, when the pipeline
         warps the stored image again, its 2 x 3 affine `then` (stored -> model input)."""
-        source = [int(v) for v in geometry["source_shape"]]
-        resized = [int(v) for v in geometry.get("resized_shape") or source]
-        top, left = (int(v) for v in geometry["pad"])
-        sy, sx = resized[0] / source[0], resized[1] / source[1]
-        # Pixel-centre resize (as OpenCV): x' = (x + 0.5) sx - 0.5 + left, same for y.
-        matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5 + left], [0.0, sy, 0.5 * sy - 0.5 + top]])
+        from input_pipeline.geometry import resize_pad_matrix  # numpy + OpenCV only
+
+        matrix, source = resize_pad_matrix(geometry)
         if then is not None:
             outer = np.vstack([np.asarray(then, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
             matrix = (outer @ np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]

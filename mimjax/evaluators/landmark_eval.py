@@ -126,11 +126,11 @@ class LandmarkEvaluator:
             return None
         # The same images every eval: evenly spread over the split.
         chosen = np.linspace(0, len(self.data) - 1, count).round().astype(int)
+        geometries = self.data.geometries()
         panels = [landmark_figures.Panel(
             image=self.data.images[i].astype(np.float32),
-            truth=landmark_decoding.to_model_input(self.data.truth[i],
-                                                   self.data.geometries()[i]),
-            pred=landmark_decoding.to_model_input(pred[i], self.data.geometries()[i]),
+            truth=landmark_decoding.to_model_input(self.data.truth[i], geometries[i]),
+            pred=landmark_decoding.to_model_input(pred[i], geometries[i]),
             title=f"{self.data.names[i]}: MRE {errors[i].mean():.2f} {unit}") for i in chosen]
         return landmark_figures.landmark_figure(
             path, panels, legend=f"{self.split}, step {step}: ground truth (green), prediction "
