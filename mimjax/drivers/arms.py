@@ -97,6 +97,25 @@ def run_experiment(config, workdir: str, *, results_rows, difference_rows, headi
     return rows
 
 
+def difference_rows(config, per_item: dict[str, list[dict]], paired_difference, *,
+                    label: str = "{key}") -> list[dict]:
+    """For each (arm, other) of `config.compare` and each key of `config.metrics`: the
+    difference arm minus other over the items both scored, from
+    `paired_difference(rows_a, rows_b, key, num_resamples=, seed=)` (the task's paired
+    bootstrap); `per_item` holds each arm's per-item rows (test volumes, images)."""
+    rows = []
+    for arm, other in config.compare:
+        for key in config.metrics:
+            diff = paired_difference(per_item[arm], per_item[other], key,
+                                     num_resamples=int(config.bootstrap_resamples),
+                                     seed=int(config.seed))
+            rows.append({"arm": arm, "minus": other, "metric": label.format(key=key),
+                         "difference": diff.estimate, "ci95_low": diff.low,
+                         "ci95_high": diff.high})
+            log.info("Experiment: %s minus %s, %s: %s", arm, other, key, diff)
+    return rows
+
+
 def write_tables(workdir: str, rows: list[dict], differences: list[dict], *,
                  heading: str, over: str) -> str:
     """results.csv, differences.csv and results.md; returns the Markdown."""

@@ -12,12 +12,8 @@ results.md (both tables).
 
 from __future__ import annotations
 
-import logging
-
 from mimjax.drivers import arms
 from mimjax.evaluators import landmark_metrics
-
-log = logging.getLogger(__name__)
 
 
 def _labels(run_cfg) -> str:
@@ -47,17 +43,8 @@ def results_rows(config, results: dict[str, dict]) -> list[dict]:
 
 def difference_rows(config, results: dict[str, dict]) -> list[dict]:
     """Paired bootstrap differences (arm minus other) over the shared test images."""
-    rows = []
-    for arm, other in config.compare:
-        for key in config.metrics:
-            diff = landmark_metrics.paired_difference(
-                results[arm]["images"], results[other]["images"], key,
-                num_resamples=int(config.bootstrap_resamples), seed=int(config.seed))
-            rows.append({"arm": arm, "minus": other, "metric": key,
-                         "difference": diff.estimate, "ci95_low": diff.low,
-                         "ci95_high": diff.high})
-            log.info("Experiment: %s minus %s, %s: %s", arm, other, key, diff)
-    return rows
+    images = {arm: result["images"] for arm, result in results.items()}
+    return arms.difference_rows(config, images, landmark_metrics.paired_difference)
 
 
 def run_experiment(config, workdir: str) -> list[dict]:

@@ -10,13 +10,10 @@ Writes WORKDIR/results.csv (one row per arm), differences.csv and results.md (bo
 
 from __future__ import annotations
 
-import logging
 import math
 
 from mimjax.drivers import arms
 from mimjax.evaluators import segmentation_metrics
-
-log = logging.getLogger(__name__)
 
 
 def results_rows(config, results: dict[str, dict]) -> list[dict]:
@@ -36,21 +33,10 @@ def results_rows(config, results: dict[str, dict]) -> list[dict]:
 
 def difference_rows(config, results: dict[str, dict]) -> list[dict]:
     """Paired bootstrap differences (arm minus other) over the shared test volumes."""
-    rows = []
-    for arm, other in config.compare:
-        for key in config.metrics:
-            a = [{k: arms.number(v) if k != "volume" else v for k, v in r.items()}
-                 for r in results[arm]["fine_volumes"]]
-            b = [{k: arms.number(v) if k != "volume" else v for k, v in r.items()}
-                 for r in results[other]["fine_volumes"]]
-            diff = segmentation_metrics.paired_difference(
-                a, b, key, num_resamples=int(config.bootstrap_resamples),
-                seed=int(config.seed))
-            rows.append({"arm": arm, "minus": other, "metric": f"fine {key}",
-                         "difference": diff.estimate, "ci95_low": diff.low,
-                         "ci95_high": diff.high})
-            log.info("Experiment: %s minus %s, %s: %s", arm, other, key, diff)
-    return rows
+    volumes = {arm: [{k: arms.number(v) if k != "volume" else v for k, v in r.items()}
+                     for r in result["fine_volumes"]] for arm, result in results.items()}
+    return arms.difference_rows(config, volumes, segmentation_metrics.paired_difference,
+                                label="fine {key}")
 
 
 def run_experiment(config, workdir: str) -> list[dict]:
