@@ -8,7 +8,7 @@ make_pretrain_dataset graph (per process):
     .repeat()                           infinite; epoch e reshuffled with s0 + e
     .random_map(augment, seed=s1)       rng seeded by GLOBAL stream position
   -- ResumableBatches, from global stream position n (0, or a checkpoint) --
-    [n + process_index :: process_count]  this host's share of every batch
+    this host's block of every batch    + "example_id" (the stream position)
     .batch(global // process_count)     dict of stacked arrays
     .to_iter_dataset(ReadOptions)       background threads, bounded buffer
     .mp_prefetch(num_workers)           spawned worker processes (if > 0)
@@ -23,9 +23,14 @@ on the global stream position: a record is augmented identically whatever the
 process count, and hosts never share augmentation draws (after the slice every
 host's k-th element would get the same rng).
 
-Global batch g is stream positions [g*B, (g+1)*B); process p gets positions
-p, p+P, ... of it, so per-process batches are disjoint and together cover
-every record once per epoch (when B divides the record count).
+Global batch g is stream positions [g*B, (g+1)*B); process p gets the
+contiguous block [g*B + p*b, g*B + (p+1)*b) of it (b = B / P), so per-process
+batches are disjoint, cover every record once per epoch (when B divides the
+record count), and, stacked in process order as the batch-sharded global array
+stacks them, are exactly the one-process batch, row for row. Every element
+carries "example_id", its global stream position (uint32, wrapping after 2**32
+examples): the device-side randomness of an example (its mask, its drop path)
+is keyed by it, so it too is the same whatever the process count.
 
 Images leave the workers as uint16 [B, S, S, 1] unit-quantised values
 (transforms.quantize_unit) and are normalised in the jitted train step
@@ -327,12 +332,12 @@ class ResumableBatches(grain.IterDataset):
     processes have consumed together ({"global_position": n}). It is the same
     on every host and means the same thing whatever the number of prefetch
     workers, processes, or even the batch size, so a checkpoint restores
-    exactly after any of those change. (grain's own state for an mp_prefetch
-    pipeline records per-worker positions and cannot be restored into a
-    different worker count.) On restore the grain graph below is rebuilt to
-    start at n:
+    exactly after any of those change (the trainer writes it once, from the
+    first process). (grain's own state for an mp_prefetch pipeline records
+    per-worker positions and cannot be restored into a different worker
+    count.) On restore the grain graph below is rebuilt to start at n:
 
-      records[n + process_index :: process_count]
+      _ProcessBlocks(records, n, ...)     this process's block of each batch
         .batch(global_batch_size // process_count, drop_remainder=True)
         .to_iter_dataset(read_options)
         .mp_prefetch(multiprocessing_options)     # if given
@@ -358,7 +363,8 @@ class ResumableBatches(grain.IterDataset):
 
     def build(self, start: int) -> grain.IterDataset:
         """This process's batches of the global stream from record `start` on."""
-        ds = self.records_ds[start + self.process_index :: self.process_count]
+        ds = _ProcessBlocks(self.records_ds, start, self.global_batch_size,
+                            self.process_index, self.process_count)
         ds = ds.batch(self.global_batch_size // self.process_count, drop_remainder=True)
         ds = ds.to_iter_dataset(self.read_options)
         if self.multiprocessing_options is not None:
@@ -373,6 +379,35 @@ class ResumableBatches(grain.IterDataset):
             f"ResumableBatches(global_batch_size={self.global_batch_size}, "
             f"process={self.process_index}/{self.process_count})"
         )
+
+
+class _ProcessBlocks(grain.MapDataset):
+    """One process's rows of every global batch of an infinite record stream,
+    each tagged with its stream position as "example_id".
+
+    Element j is stream position start + (j // b) * B + p * b + j % b (B the
+    global batch, b = B / P its rows per process, p this process): batching b
+    consecutive elements gives process p's contiguous block of each batch."""
+
+    def __init__(self, stream: grain.MapDataset, start: int, global_batch_size: int,
+                 process_index: int, process_count: int):
+        super().__init__(stream)
+        self._start, self._global = start, global_batch_size
+        self._rows = global_batch_size // process_count
+        self._offset = process_index * self._rows
+
+    def __len__(self) -> int:
+        return len(self._parent)  # the stream is infinite (repeat())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._rows)
+        position = self._start + batch * self._global + self._offset + row
+        return {**self._parent[position], "example_id": np.uint32(position % 2**32)}
+
+    def __str__(self) -> str:
+        return f"_ProcessBlocks(start={self._start}, rows={self._rows}, offset={self._offset})"
 
 
 class _ResumableBatchIterator(grain.DatasetIterator):

@@ -127,7 +127,7 @@ def test_prepared_split_folders(tree_cfg, tree, tmp_path):
 def test_train_batches_shapes_labels_and_epochs(cfg):
     batches = take(iter(_train(cfg)), 10)
     b = batches[0]
-    assert set(b) == {"image", "index", "label_pathology", "label_margins"}
+    assert set(b) == {"image", "index", "label_pathology", "label_margins", "example_id"}
     assert b["image"].shape == (8, SIZE, SIZE, 1) and b["image"].dtype == np.float32
     assert b["index"].dtype == np.int32
     assert b["label_pathology"].shape == (8,) and b["label_pathology"].dtype == np.int32

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mimjax import sharding
-from mimjax.models import build_model, mae, text
+from mimjax.models import build_model, example_rng, mae, text
 from mimjax.objectives import OBJECTIVES, build_loss_fn, contrastive, mcr
 
 from helpers import training_setup
@@ -78,8 +78,9 @@ def test_mask_text_bert_mode_replaces_80_10_10():
 # ----------------------------------------------------------------- one masked stream
 def _masks(batch, model, image_ratio=0.5, text_ratio=0.25):
     """Recomputes the objective's masks from its rng convention."""
-    image_rng, text_rng = jax.random.split(RNG)
-    noise = jax.random.uniform(image_rng, (len(batch["image"]), model.num_patches))
+    keys = example_rng.example_keys(RNG, batch, len(batch["image"]))  # one key per example
+    image_rng, text_rng = example_rng.split(keys, 2)
+    noise = example_rng.uniform(image_rng, (model.num_patches,))
     info = mae.random_masking(noise, image_ratio)
     _, positions, weights, _ = mcr.mask_text(
         text_rng, batch["text_ids"], batch["text_mask"], text_ratio, vocab_size=VOCAB

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mimjax.models import build_model, mae, vit
+from mimjax.models import build_model, example_rng, mae, vit
 from mimjax.objectives import masked_reconstruction
 
 from helpers import tiny_model_config
@@ -165,7 +165,7 @@ def test_high_scale_loss_uses_the_real_high_resolution_image():
     assert abs(float(real["loss_64"]) - float(fake["loss_64"])) > 1e-3
 
     # And it is the masked MSE against exactly those pixels.
-    noise = jax.random.uniform(rng, (2, 16))
+    noise = example_rng.uniform(jax.random.split(rng, 2), (16,))  # the loss's per-row keys
     preds, info = model(batch["image_32"], noise, 0.75)
     target = masked_reconstruction.patch_targets(batch["image_64"], 8, norm_pix_loss=True)
     mask = mae.upsample_grid(info.mask, 2)

@@ -74,7 +74,7 @@ def test_phantom_splits_are_disjoint_and_cover_every_pair(cfg):
 def test_batch_contract_and_pairing(cfg):
     cfg.crop_scale, cfg.crop_ratio = (1.0, 1.0), (1.0, 1.0)  # the crop is the whole image
     batch = take(iter(_train(cfg)), 1)[0]
-    assert set(batch) == {"image", "text_ids", "text_mask", "pair_index"}
+    assert set(batch) == {"image", "text_ids", "text_mask", "pair_index", "example_id"}
     assert batch["image"].dtype == np.float32 and batch["image"].shape == (8, IMAGE, IMAGE, 1)
     assert batch["text_ids"].dtype == np.int32 and batch["text_ids"].shape == (8, LENGTH)
     assert batch["text_mask"].dtype == np.int32 and batch["text_mask"].shape == (8, LENGTH)

@@ -371,7 +371,10 @@ def test_batches_shapes_labels_and_determinism(cfg):
     it = iter(_dataset(cfg))
     batches = take(it, 3)
     b = batches[0]
-    assert set(b) == {"image_8", "image_16", "index", "label_label"}
+    assert set(b) == {"image_8", "image_16", "index", "label_label", "example_id"}
+    # Stream positions: batch g holds examples g*B .. g*B+B-1, in order.
+    np.testing.assert_array_equal(b["example_id"], np.arange(4, dtype=np.uint32))
+    np.testing.assert_array_equal(batches[2]["example_id"], np.arange(8, 12, dtype=np.uint32))
     assert b["image_8"].shape == (4, 8, 8, 1) and b["image_16"].shape == (4, 16, 16, 1)
     assert b["image_16"].dtype == np.uint16 and b["index"].dtype == np.int32
     src = pipeline.make_source(cfg)
@@ -407,13 +410,11 @@ def test_process_slices_are_disjoint_and_cover_the_data(cfg):
         p0, p1 = (per_process[p][step] for p in range(2))
         assert p0["image_16"].shape[0] == 4
         assert not set(p0["index"]) & set(p1["index"])
-        # Together the processes hold exactly the records (and augmentations) of
-        # the single-process global batch.
-        combined = {int(i): x for b in (p0, p1) for i, x in zip(b["index"], b["image_16"])}
-        expected = {int(i): x for i, x in zip(single[step]["index"], single[step]["image_16"])}
-        assert combined.keys() == expected.keys()
-        for i in combined:
-            np.testing.assert_array_equal(combined[i], expected[i])
+        # Stacked in process order (as the batch-sharded global array stacks them),
+        # the processes' batches are the single-process global batch, row for row:
+        # the same records, augmentations and example ids.
+        for key, value in single[step].items():
+            np.testing.assert_array_equal(np.concatenate([p0[key], p1[key]]), value, key)
     for epoch in range(2):  # 2 global steps per epoch
         seen = np.concatenate(
             [per_process[p][s]["index"] for p in range(2) for s in (2 * epoch, 2 * epoch + 1)]

@@ -294,6 +294,7 @@ def test_batch_format(cfg):
         "mixed_label": ((BATCH, SIZE, SIZE), np.int32),
         "mix_alpha": ((BATCH,), np.float32),
         "index": ((BATCH,), np.int32),
+        "example_id": ((BATCH,), np.uint32),
     }
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     # Per-image z-score (the default): mean 0, std 1 before the intensity augmentation.
@@ -374,7 +375,9 @@ def test_processes_share_out_the_global_batch(cfg):
     for g, batch in enumerate(whole):
         for p in (0, 1):
             for k, v in batch.items():
-                np.testing.assert_array_equal(parts[p][g][k], v[p::2], err_msg=k)
+                rows = len(v) // 2  # process p holds the p-th contiguous block
+                np.testing.assert_array_equal(parts[p][g][k], v[p * rows:(p + 1) * rows],
+                                              err_msg=k)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
+from mimjax.models import conv_blocks
 from mimjax.objectives import build_loss_fn
 from mimjax.objectives import subclass_segmentation as subseg
 
@@ -388,7 +389,7 @@ class TinySegmenter(nnx.Module):
     def __call__(self, images, rng=None):
         h = nnx.relu(self.norm(self.conv(images), use_running_average=rng is None))
         if rng is not None:
-            h = h * jax.random.bernoulli(rng, 0.9, h.shape) / 0.9
+            h = conv_blocks.dropout(h, 0.1, rng)  # one key per example (models.example_rng)
         return {"coarse_logits": self.coarse(h), "fine_logits": self.fine(h)}
 
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mimjax.models import example_rng
+
 NORMS = ("batch", "instance", "layer")
 BATCH_NORM_MOMENTUM = 0.9  # flax's convention: PyTorch's momentum=0.1
 BATCH_NORM_EPS = 1e-5      # PyTorch's BatchNorm2d / InstanceNorm2d default
@@ -100,10 +102,14 @@ def up_conv(in_channels: int, out_channels: int, *, use_bias: bool = True, dtype
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-    """Zeroes each value with probability `rate` and scales the rest by 1 / (1 - rate)."""
+    """Zeroes each value with probability `rate` and scales the rest by 1 / (1 - rate).
+    `rng`: one key, or one key per example (B, 2; models.example_rng)."""
     if rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    if example_rng.is_per_example(rng):
+        keep = example_rng.bernoulli(rng, 1.0 - rate, x.shape[1:])
+    else:
+        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros_like(x))
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimjax import sharding
-from mimjax.models import conv_blocks
+from mimjax.models import conv_blocks, example_rng
 
 LEVELS = 5
 DROPOUT_RATE = 0.3
@@ -100,7 +100,7 @@ class UNet(nnx.Module):
             x = conv_blocks.max_pool(x)
         x = self.center(x, training)
         if training:
-            center_rng, out_rng = jax.random.split(rng)
+            center_rng, out_rng = example_rng.split(rng, 2)
             x = conv_blocks.dropout(x, self.dropout_rate, center_rng)
         for block, skip in zip(self.up_blocks, reversed(skips)):
             x = block(jnp.concatenate([skip, conv_blocks.upsample_bilinear(x)], axis=-1),

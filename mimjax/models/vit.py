@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mimjax import sharding
+from mimjax.models import example_rng
 
 # width, depth, mlp_dim, heads (Dosovitskiy et al. 2021, Table 1; Ti/S from DeiT).
 VARIANTS = {
@@ -130,6 +131,48 @@ def sincos_posemb_2d(width: int, grid_size: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
+def recompute_in_backward(fn, *args):
+    """`fn(*args)` (a pure function of float array pytrees) whose backward keeps only
+    `args` and recomputes fn's intermediates from them. `jax.checkpoint` does not do
+    this on XLA:CPU: it drops optimization barriers early, so common-subexpression
+    elimination merges the recomputation with the forward and its results are held
+    from forward to backward again. Here the recomputation reads `args` plus a zero
+    taken from the incoming cotangent (one element times 0, exact for finite values),
+    so it can neither be merged with the forward nor run before the backward reaches it."""
+
+    @jax.custom_vjp
+    def call(*args):
+        return fn(*args)
+
+    def forward(*args):
+        return fn(*args), args
+
+    def backward(saved, cotangent):
+        zero = jax.tree.leaves(cotangent)[0].reshape(-1)[0] * 0
+        saved = jax.tree.map(lambda a: a + zero.astype(a.dtype), saved)
+        return jax.vjp(fn, *saved)[1](cotangent)
+
+    call.defvjp(forward, backward)
+    return call(*args)
+
+
+@jax.custom_jvp
+def softmax(logits: jax.Array) -> jax.Array:
+    """Softmax over the last axis (f32 in, f32 out) whose backward keeps only its
+    output: differentiating the three lines below directly kept the logits, the
+    broadcast 1/sum and the weights, three (B, H, N, N) arrays per attention layer
+    (ViT-B MAE's decoder: 0.6 GB of the step's temporaries)."""
+    weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    return weights * (1.0 / weights.sum(axis=-1, keepdims=True))
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    y = softmax(*primals)
+    t = tangents[0]
+    return y, y * (t - (y * t).sum(axis=-1, keepdims=True))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -158,9 +201,7 @@ class Attention(nnx.Module):
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-        weights = jnp.exp(logits)
-        weights = (weights * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(v.dtype)
+        weights = softmax(logits).astype(v.dtype)
         y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         return self.out(jnp.transpose(y, (0, 2, 1, 3)).reshape(b, n, cfg.width))
 
@@ -176,20 +217,47 @@ class Mlp(nnx.Module):
                               bias_init=bias_init, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.cfg.gelu_approximate))
+        # GELU's output and its tanh (two (B, N, mlp_dim) arrays per block) are
+        # recomputed in the backward from fc1's output instead of kept from the forward.
+        graphdef, fc2 = nnx.split(self.fc2)
+        approximate = self.cfg.gelu_approximate
+
+        def activate(h, fc2):
+            return nnx.merge(graphdef, fc2)(jax.nn.gelu(h, approximate=approximate))
+
+        return recompute_in_backward(activate, self.fc1(x), fc2)
 
 
 def drop_path(branch: jax.Array, rng: jax.Array, rate: jax.Array) -> jax.Array:
     """Stochastic depth: drops a residual branch per example with probability `rate`
-    and scales the kept ones by 1 / (1 - rate) so the expected output is unchanged."""
+    and scales the kept ones by 1 / (1 - rate) so the expected output is unchanged.
+    `rng` is one key, or one key per example (B, 2; see models.example_rng)."""
     keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(rng, keep_prob, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    if example_rng.is_per_example(rng):
+        keep = example_rng.bernoulli(rng, keep_prob)
+    else:
+        keep = jax.random.bernoulli(rng, keep_prob, (branch.shape[0],))
+    keep = keep.reshape((branch.shape[0],) + (1,) * (branch.ndim - 1))
     scaled = branch * jnp.asarray(1.0 / keep_prob, branch.dtype)
     return jnp.where(keep, scaled, jnp.zeros_like(branch))
 
 
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm (same parameters, same forward) whose backward recomputes the
+    normalisation from its input. Differentiated directly it kept the centred input,
+    the broadcast 1/std and the broadcast scale, three (B, N, D) arrays per norm,
+    where its input alone suffices."""
+
+    def __call__(self, x, *, mask=None):
+        if mask is not None:
+            return super().__call__(x, mask=mask)
+        graphdef, state = nnx.split(self)
+        return recompute_in_backward(
+            lambda x, state: nnx.LayerNorm.__call__(nnx.merge(graphdef, state), x), x, state)
+
+
 def layer_norm(width: int, cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
+    return LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -209,7 +277,7 @@ class Block(nnx.Module):
         if rng is None:
             x = x + self.attn(self.norm1(x), mask)
             return x + self.mlp(self.norm2(x))
-        attn_rng, mlp_rng = jax.random.split(rng)
+        attn_rng, mlp_rng = example_rng.split(rng, 2)
         x = x + drop_path(self.attn(self.norm1(x), mask), attn_rng, drop_rate)
         return x + drop_path(self.mlp(self.norm2(x)), mlp_rng, drop_rate)
 
@@ -253,7 +321,7 @@ class Transformer(nnx.Module):
         if rng is None or cfg.drop_path_rate == 0.0:
             return self._run(x, lambda block, h: block(h, mask=mask), collect=collect)
         # One key and one rate per block, scanned alongside the stacked layers.
-        per_block = (jax.random.split(rng, cfg.depth), jnp.asarray(cfg.drop_path_rates()))
+        per_block = (example_rng.split(rng, cfg.depth), jnp.asarray(cfg.drop_path_rates()))
         return self._run(x, lambda block, h, key, rate: block(h, key, rate, mask=mask),
                          per_block, collect=collect)
 

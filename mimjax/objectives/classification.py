@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mimjax.models import example_rng
+
 
 def _images(batch, image_key):
     if image_key is not None:
@@ -70,7 +72,10 @@ def loss_fn(model, batch, rng, *, label_key: str, multilabel: bool = False,
     (rng enables drop path in training)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    logits = model(_images(batch, image_key), rng=rng).astype(jnp.float32)
+    images = _images(batch, image_key)
+    # Drop path per example, keyed by its global id (models.example_rng).
+    keys = None if rng is None else example_rng.example_keys(rng, batch, images.shape[0])
+    logits = model(images, rng=keys).astype(jnp.float32)
     labels = batch[label_key]
     valid = batch.get("valid")
     num_classes = logits.shape[-1]

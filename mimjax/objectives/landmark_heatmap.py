@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mimjax.models import example_rng
+
 LOSSES = ("bce", "mse")
 MSE_ON = ("sigmoid", "raw")
 PIXEL_REDUCTIONS = ("mean", "sum")
@@ -243,7 +245,10 @@ def landmark_loss(logits, batch, *, loss: str = "bce", sigma: float = 3.0,
 def loss_fn(model, batch, rng, *, image_key: str = "image", **kwargs):
     """The registry entry: `model(images, rng)` gives (B, H, W, L) heatmap logits, or a
     dict holding them under "heatmap_logits"; then `landmark_loss`."""
-    out = model(batch[image_key], rng=rng)
+    images = batch[image_key]
+    # Drop path / dropout per example, keyed by its global id (models.example_rng).
+    keys = None if rng is None else example_rng.example_keys(rng, batch, images.shape[0])
+    out = model(images, rng=keys)
     if isinstance(out, dict):
         if "heatmap_logits" not in out:
             raise ValueError(f"the model returned {sorted(out)}; a landmark model returns "

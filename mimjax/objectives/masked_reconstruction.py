@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mimjax.models import mae, vit
+from mimjax.models import example_rng, mae, vit
 
 
 def patch_targets(images: jax.Array, patch_size: int, norm_pix_loss: bool) -> jax.Array:
@@ -42,7 +42,10 @@ def loss_fn(model: mae.MaskedAutoencoder, batch, rng, *, mask_ratio: float = 0.7
         raise ValueError(f"Batch lacks {missing}; the input pipeline must produce every scale "
                          f"in model.scales ({list(scales)}); it has {sorted(batch)}.")
     base = batch[f"image_{scales[0]}"]
-    noise = jax.random.uniform(rng, (base.shape[0], model.num_patches))
+    # Each example's mask from its own key (its global example id when the pipeline
+    # gives one), so it is the same whatever the process count or batch row.
+    keys = example_rng.example_keys(rng, batch, base.shape[0])
+    noise = example_rng.uniform(keys, (model.num_patches,))
     preds, info = model(base, noise, mask_ratio)
     base_grid = model.encoder.cfg.grid_size
     total, metrics = 0.0, {}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mimjax.models import mae, text
+from mimjax.models import example_rng, mae, text
 from mimjax.objectives import contrastive, masked_reconstruction
 
 TEXT_MASK_MODES = ("mask", "bert")
@@ -73,19 +73,33 @@ def mask_text(
         num_maskable > 0, jnp.maximum(_round_half_up(ratio * num_maskable), 1), 0
     )
     num_masked = jnp.minimum(num_masked, num_slots)
-    select_rng, mode_rng, token_rng = jax.random.split(rng, 3)
+    # `rng`: one key, or one per report (B, 2; models.example_rng) so that a report's
+    # masking does not depend on its batch row.
+    select_rng, mode_rng, token_rng = example_rng.split(rng, 3)
+    per_example = example_rng.is_per_example(rng)
+
+    def uniform(key):
+        if per_example:
+            return example_rng.uniform(key, (length,))
+        return jax.random.uniform(key, (batch, length))
+
     # Non-maskable tokens sort after every maskable one.
-    noise = jnp.where(maskable, jax.random.uniform(select_rng, (batch, length)), 2.0)
+    noise = jnp.where(maskable, uniform(select_rng), 2.0)
     order = jnp.argsort(noise, axis=1)
     rank = jnp.argsort(order, axis=1)
     chosen = rank < num_masked[:, None]
     if mode == "mask":
         replacement = jnp.full_like(ids, text.MASK_ID)
     else:
-        u = jax.random.uniform(mode_rng, (batch, length))
-        random_ids = jax.random.randint(
-            token_rng, (batch, length), text.NUM_SPECIAL_TOKENS, vocab_size, dtype=ids.dtype
-        )
+        u = uniform(mode_rng)
+        if per_example:
+            random_ids = example_rng.randint(
+                token_rng, (length,), text.NUM_SPECIAL_TOKENS, vocab_size, ids.dtype
+            )
+        else:
+            random_ids = jax.random.randint(
+                token_rng, (batch, length), text.NUM_SPECIAL_TOKENS, vocab_size, dtype=ids.dtype
+            )
         replacement = jnp.where(u < 0.8, text.MASK_ID, jnp.where(u < 0.9, random_ids, ids))
     masked_ids = jnp.where(chosen, replacement.astype(ids.dtype), ids)
     positions = order[:, :num_slots].astype(jnp.int32)
@@ -186,11 +200,13 @@ def loss_fn(
         itc_inputs,
     )
     images, ids, text_mask = batch["image"], batch["text_ids"], batch["text_mask"]
-    image_rng, text_rng = jax.random.split(rng)
+    # One key per example (keyed by batch["example_id"] when the pipeline gives it).
+    keys = example_rng.example_keys(rng, batch, images.shape[0])
+    image_rng, text_rng = example_rng.split(keys, 2)
 
     info = None
     if image_mask_ratio > 0:
-        noise = jax.random.uniform(image_rng, (images.shape[0], model.num_patches))
+        noise = example_rng.uniform(image_rng, (model.num_patches,))
         info = mae.random_masking(noise, image_mask_ratio)
         image_tokens = model.encoder.encode_visible(images, info.keep_ids)
     else:

@@ -57,6 +57,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mimjax.models import example_rng
+
 NUM_VIEWS = 8  # rotations by k x 90 degrees (k = 0..3) times a flip along H or W
 
 
@@ -228,6 +230,9 @@ def loss_fn(model, batch, rng, *, coarse_weight: float = 1.0, fine_weight: float
         raise ValueError(f"pseudo-labels rotate the image by 90 degrees, so images must be "
                          f"square; got {images.shape[1]}x{images.shape[2]}.")
     main_rng, _, view_rng, mix_rng = _rngs(rng)
+    if rng is not None:  # drop path / dropout per example, keyed by its global id
+        main_rng, view_rng, mix_rng = (example_rng.example_keys(key, batch, images.shape[0])
+                                       for key in (main_rng, view_rng, mix_rng))
 
     out = model(images, rng=main_rng)
     coarse_logits = out["coarse_logits"].astype(jnp.float32)
