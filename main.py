@@ -3,6 +3,9 @@
     python main.py --config configs/NAME.py[:ARG] --workdir DIR [--config.key=value ...]
 
 Re-running the same command on the same workdir resumes from its latest checkpoint.
+Multi-process runs (TPU pods, GPU clusters, local processes) run the same command
+in every process; JAX's distributed runtime starts first (mimjax/distributed.py,
+tools/launch/README.md).
 `--config.key=value` sets any field of the config (lists too: --config.model.scales=[64,128]);
 a field that does not exist, or a value out of its range, stops the run at once with
 one line naming the field and the fix.
@@ -12,6 +15,8 @@ import argparse
 import logging
 import os
 import sys
+
+from mimjax import distributed  # light: JAX is imported when the runtime starts
 
 EPILOG = """\
 examples:
@@ -34,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True,
                         help="directory for checkpoints, metrics and figures (resumed if it "
                              "holds a checkpoint).")
+    distributed.add_arguments(parser)
     return parser
 
 
@@ -56,11 +62,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(rest)
     _setup_logging()
     debug = bool(os.environ.get("MIMJAX_DEBUG"))
+    try:  # before anything else touches JAX
+        distributed.initialize(distributed.resolve(
+            args.distributed, args.coordinator, args.num_processes, args.process_id,
+            heartbeat_timeout=args.heartbeat_timeout))
+    except distributed.DistributedError as error:
+        if debug:
+            raise
+        logging.error("%s", error)
+        return 2
     from mimjax import drivers, train  # after parsing: keeps `--help` fast
 
     try:
         drivers.run(run_config.load(args.config, overrides), args.workdir)
-    except run_config.ConfigError as error:
+    except (run_config.ConfigError, distributed.DistributedError) as error:
         if debug:
             raise
         logging.error("%s", error)

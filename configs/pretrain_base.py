@@ -56,8 +56,14 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) steps
 
     # Parallelism: mesh axes data x fsdp x tensor; -1 = all remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # dcn_data: how many groups of processes (TPU slices, GPU nodes) the data axis
+    # spans, pure data parallelism over the slower links between them; the other
+    # axes stay within a group (mimjax.sharding.make_mesh).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
     c.sharding_rules = None           # None = mimjax.sharding.DEFAULT_RULES
+    # Persistent XLA compilation cache (on shared storage for a pod: one host's
+    # compile serves the others and the next run); None = off.
+    c.compilation_cache_dir = placeholder(str)
 
     # Logging, figures, checkpoints.
     c.log_every = 50

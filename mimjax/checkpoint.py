@@ -7,15 +7,22 @@
   checkpoint written on 8 devices restores onto 4 or 1 (orbax reshards on read).
 - "latest" checkpoints (for resume) live in `WORKDIR/checkpoints`; a later
   "best" retention must use its own directory so the two policies never collide.
+- The data-iterator state is the pipeline's global position ({"global_position":
+  n}, the same on every process), written once, by the primary process, as JSON;
+  every process restores it, whatever the process count that wrote it. (grain's
+  own handler writes one file per process, named by index and count, which a run
+  with another process count cannot find.) Checkpoints in that older per-process
+  layout still restore: their process 0 file holds the same global position.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import logging
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -49,7 +56,7 @@ class Checkpointer:
     def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
         items = {self.STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items[self.DATA] = grain.checkpoint.CheckpointSave(data_iter)
+            items[self.DATA] = ocp.args.JsonSave(data_iter.get_state())
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
             log.info("Saving checkpoint for step %d to %s", step, self.directory)
@@ -64,13 +71,28 @@ class Checkpointer:
         checkpoints were written); a missing field with arrays is an error."""
         target, filled = self._stored_fields(step, abstract_state)
         items = {self.STATE: ocp.args.StandardRestore(target)}
+        legacy_data = self._per_process_data_state(step) if data_iter is not None else None
+        if data_iter is not None and legacy_data is None:
+            items[self.DATA] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if data_iter is not None:
-            items[self.DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))[self.STATE]
+            data_iter.set_state(legacy_data if legacy_data is not None else
+                                dict(restored[self.DATA]))
+        restored = restored[self.STATE]
         log.info("Restored step %d from %s", step, self.directory)
         if filled:
             restored = dataclasses.replace(abstract_state, **restored, **filled)
         return restored
+
+    def _per_process_data_state(self, step: int) -> dict | None:
+        """The iterator state of a checkpoint in grain's per-process layout (process 0's
+        file: the global position is the same in every process's), else None."""
+        item_dir = os.path.join(self.directory, str(step), self.DATA)
+        legacy = sorted(glob.glob(os.path.join(item_dir, "process_0-of-*.json")))
+        if not legacy:
+            return None
+        with open(legacy[0]) as f:
+            return json.load(f)
 
     def _stored_fields(self, step: int, abstract_state):
         """(the restore target, {field: empty value} for fields the checkpoint lacks)."""

@@ -49,24 +49,76 @@ FSDP_MIN_SIZE = 2**12
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh from {'data': n, 'fsdp': n, 'tensor': n}; one axis may be -1 (the rest)."""
+    """Mesh from {'data': n, 'fsdp': n, 'tensor': n, 'dcn_data': g}; one of the three
+    axes may be -1 (the rest).
+
+    The device order comes from `jax.make_mesh` (topology-aware on TPU). With
+    `dcn_data` = g > 1 the devices form g groups (TPU slices, or processes on GPU and
+    CPU): the data axis is g x (data / g), its outer factor across groups, so only
+    the gradient all-reduce crosses the slow links (`mesh_utils.create_hybrid_device_mesh`).
+    A `tensor` axis that would span processes is refused: its collectives run in
+    every layer and need the fast links within a host."""
     devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_sizes(mesh_cfg, len(devices))
+    dcn = int(mesh_cfg.get("dcn_data", 1) or 1)
+    if dcn == 1:
+        mesh = jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                             devices=devices)
+    else:
+        if sizes[0] % dcn:
+            raise ValueError(
+                f"mesh.data = {sizes[0]} must be a multiple of mesh.dcn_data = {dcn} (the data "
+                "axis spans dcn_data groups of devices).")
+        from jax.experimental import mesh_utils
+
+        granule_is_process = devices[0].platform != "tpu"
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                (sizes[0] // dcn, sizes[1], sizes[2]), (dcn, 1, 1), devices,
+                process_is_granule=granule_is_process)
+        except (ValueError, AssertionError) as error:
+            unit = "processes" if granule_is_process else "TPU slices"
+            raise ValueError(
+                f"mesh.dcn_data = {dcn}: the devices do not form {dcn} equal groups of {unit} "
+                f"({error}); set dcn_data to the number of {unit}, or 1.") from error
+        mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    _check_tensor_within_processes(mesh)
+    return mesh
+
+
+def _check_tensor_within_processes(mesh: Mesh) -> None:
+    tensor = mesh.shape["tensor"]
+    if tensor == 1:
+        return
+    groups = np.asarray(mesh.devices).reshape(-1, tensor)  # tensor is the last axis
+    for group in groups:
+        processes = sorted({d.process_index for d in group})
+        if len(processes) > 1:
+            local = jax.local_device_count()
+            raise ValueError(
+                f"mesh.tensor = {tensor} would span processes {processes}: tensor parallelism "
+                f"runs collectives in every layer and must stay within one host. Use "
+                f"mesh.tensor <= {local} (this host's devices) and put the rest in mesh.data "
+                "or mesh.fsdp.")
+
+
+def mesh_sizes(mesh_cfg, num_devices: int) -> list[int]:
+    """[data, fsdp, tensor] for `num_devices`, the one -1 axis resolved."""
     sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
+        if num_devices % known:
             raise ValueError(
-                f"Mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible "
+                f"Mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
                 f"by the fixed axes' product {known}.")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise ValueError(
             f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-            f"{len(devices)} are available; set one axis to -1 to use all of them.")
-    device_grid = np.asarray(devices).reshape(sizes)
-    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+            f"{num_devices} are available; set one axis to -1 to use all of them.")
+    return sizes
 
 
 def path_to_str(path) -> str:
@@ -134,6 +186,22 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def to_host(tree):
+    """Every leaf as a numpy array on every process, whatever its sharding: a local
+    or fully replicated array is read from this process's copy; one sharded over
+    other processes' devices is gathered from them (a collective: every process
+    must call this at the same point)."""
+    def leaf(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(leaf, tree)
 
 
 def log_shardings(shardings, logger: logging.Logger = log) -> None:

@@ -31,8 +31,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +42,17 @@ import numpy as np
 import optax
 
 from input_pipeline.dequantize import dequantize_images
-from mimjax import checkpoint, metric_logging, optim, perf, pretrained, run_config, sharding, tasks
+from mimjax import (
+    checkpoint,
+    distributed,
+    metric_logging,
+    optim,
+    perf,
+    pretrained,
+    run_config,
+    sharding,
+    tasks,
+)
 from mimjax.evaluators.hooks import HookContext
 from mimjax.models import param_tree
 from mimjax.models.spec import ModelSpec
@@ -265,19 +273,6 @@ def _as_config_error(section: str):
 
 
 # --------------------------------------------------------------------------- run
-class _StopRequest:
-    """Set by SIGTERM: the run finishes the step in flight, saves, and returns."""
-
-    def __init__(self):
-        self.requested = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: finishing the current step, saving, exiting.")
-        self.requested = True
-
-
 def _numeric_arrays(batch: dict) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items()
             if isinstance(v, np.ndarray) and v.dtype.kind in "fiub"}
@@ -304,13 +299,16 @@ class Run:
         self._closed = False
         os.makedirs(workdir, exist_ok=True)
         run_config.check(config)
+        distributed.check_same_config(config)
+        distributed.set_compilation_cache(config.get("compilation_cache_dir", None))
         self.task = tasks.for_config(config)
         self.mesh = sharding.make_mesh(config.mesh)
         validate_config(config, self.mesh)
         self.spec = ModelSpec.from_config(config.model)
         with _as_config_error("data"):
-            data = self.task.train_data(config, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+            data = distributed.chief_first(lambda: self.task.train_data(
+                config, process_index=jax.process_index(),
+                process_count=jax.process_count()), "the training data")
         self._data_iter = iter(data.dataset)
         self.total_steps, warmup_steps = resolve_steps(config, data.num_records)
         self.schedule = optim.make_schedule(
@@ -338,11 +336,12 @@ class Run:
         self.writer = metric_logging.MetricWriter(workdir)
         params_target = checkpoint.abstract_with_shardings(self.abstract_state.params,
                                                            self.shardings.params)
+        context = HookContext(config=config, spec=self.spec, mesh=self.mesh, workdir=workdir,
+                              writer=self.writer, params_target=params_target)
         with _as_config_error("data"):
-            self.hooks = self.task.eval_hooks(HookContext(
-                config=config, spec=self.spec, mesh=self.mesh, workdir=workdir,
-                writer=self.writer, params_target=params_target))
-        self._stop = _StopRequest()
+            self.hooks = distributed.chief_first(lambda: self.task.eval_hooks(context),
+                                                 "the evaluation data")
+        self._stop = distributed.StopSignal()
         self.last_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ state
@@ -364,7 +363,7 @@ class Run:
 
     @property
     def step(self) -> int:
-        return int(jax.device_get(self.state.step))
+        return int(sharding.to_host(self.state.step))
 
     @property
     def stopped(self) -> bool:
@@ -473,7 +472,10 @@ class Run:
                 if pending is not None:
                     record(*pending)
                 pending = (step, metrics)
-                at_end = self._stop.requested or step == end
+                # Every process asks at every step: a SIGTERM on any host stops all
+                # of them at the same step (distributed.StopSignal).
+                stop = self._stop.should_stop(step)
+                at_end = stop or step == end
                 if step % config.log_every == 0 or at_end:
                     record(*pending)
                     pending = None
@@ -494,7 +496,7 @@ class Run:
                 # Save before fetching the next batch: the saved iterator position must
                 # be the first batch a resumed run has not trained on.
                 self._ckpt.save(step, self.state, self._data_iter, force=at_end)
-                if self._stop.requested:
+                if stop:
                     log.warning("Stopped by SIGTERM at step %d; checkpoint saved.", step)
                     break
                 if step < end:

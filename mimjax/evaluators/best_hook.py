@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from mimjax import sharding
 from mimjax.evaluators.hooks import EvalHook, HookContext, uses_ema
 
 
@@ -57,7 +58,7 @@ class BestOfValHook(EvalHook):
         the current ones when no val eval saved any."""
         step = self.best.best_step()
         if step is None:
-            return self.eval_params(state), state.model_state, int(jax.device_get(state.step))
+            return self.eval_params(state), state.model_state, int(sharding.to_host(state.step))
         target = {"params": self.params_target,
                   "model_state": jax.tree.map(
                       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),

@@ -62,7 +62,7 @@ class ClassifierEvaluator:
         )  # softmax for single-label; sigmoid for the accuracies
         with jax.set_mesh(self._mesh):
             for batch in self.batches:
-                logits = jax.device_get(self._forward(params, self._global(batch["image"])))
+                logits = sharding.to_host(self._forward(params, self._global(batch["image"])))
                 accumulator.add(batch[self.label_key], logits, batch["valid"])
         return accumulator.compute()
 

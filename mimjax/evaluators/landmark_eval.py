@@ -101,8 +101,8 @@ class LandmarkEvaluator:
                 images = batch["image"]
                 images = jax.make_array_from_callback(images.shape, self._batch_sharding,
                                                       lambda index, x=images: x[index])
-                out = np.asarray(jax.device_get(
-                    self._predict(params, model_state, images)))[batch["valid"]]
+                out = sharding.to_host(
+                    self._predict(params, model_state, images))[batch["valid"]]
                 if self.settings["decode"] != "softargmax":
                     out = landmark_decoding.decode(out, self.settings["decode"])
                 points.append(np.asarray(out, np.float64))

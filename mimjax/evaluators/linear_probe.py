@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import sharding
 from mimjax.evaluators import classification
 
 POOL_KINDS = ("cls", "gap", "cls+gap")
@@ -119,14 +120,6 @@ def encoder_features_fn(spec_bind, pool: str = "cls") -> Callable[[Any, Any], ja
     return jax.jit(encode)
 
 
-def _to_host(array) -> np.ndarray:
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        array = multihost_utils.process_allgather(array, tiled=True)
-    return np.asarray(jax.device_get(array))
-
-
 def _image_of(batch: Mapping, image_key: str | None):
     if image_key is not None:
         if image_key not in batch:
@@ -157,7 +150,7 @@ def extract_features(
     features, labels = [], {}
     label_keys = None
     for batch in batches:
-        pooled = _to_host(encoder_apply(_image_of(batch, image_key)))
+        pooled = sharding.to_host(encoder_apply(_image_of(batch, image_key)))
         if pooled.ndim != 2:
             raise ValueError(f"encoder_apply must return (B, D) features, got {pooled.shape}.")
         keep = np.ones(len(pooled), bool)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from input_pipeline.dequantize import dequantize_images
+from mimjax import sharding
 from mimjax.evaluators.hooks import EvalHook
 from mimjax.models import mae, vit
 
@@ -101,7 +102,7 @@ class FigureWriter:
             spec.bind(params), images, noise, self.mask_ratio, self.norm_pix))
 
     def write(self, step: int, params) -> str | None:
-        outputs = jax.device_get(self._fn(params, self.images, self.noise))
+        outputs = sharding.to_host(self._fn(params, self.images, self.noise))
         if jax.process_index() != 0:
             return None
         os.makedirs(self.directory, exist_ok=True)

@@ -173,7 +173,7 @@ class EmbeddingExtractor:
                 args = [
                     self._global(np.asarray(batch[k])) for k in ("image", "text_ids", "text_mask")
                 ]
-                image_emb, text_emb = jax.device_get(self._embed(params, *args))
+                image_emb, text_emb = sharding.to_host(self._embed(params, *args))
                 out["image_emb"].append(np.asarray(image_emb)[valid])
                 out["text_emb"].append(np.asarray(text_emb)[valid])
                 out["text_ids"].append(np.asarray(batch["text_ids"])[valid])
@@ -420,7 +420,7 @@ class RetrievalHooks(EvalHook):
         path = os.path.join(self.workdir, "retrieval_metrics.json")
         if not trained and os.path.exists(path):
             return None
-        step = int(jax.device_get(state.step))
+        step = int(sharding.to_host(state.step))
         if self.last is not None and self.last[0] == step:
             metrics = self.last[1]
         else:

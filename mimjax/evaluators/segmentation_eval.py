@@ -78,7 +78,7 @@ class SegmentationEvaluator:
                 images = np.asarray(batch["image"])
                 images = jax.make_array_from_callback(images.shape, self._batch_sharding,
                                                       lambda index, x=images: x[index])
-                fine, coarse = jax.device_get(self._predict(params, model_state, images))
+                fine, coarse = sharding.to_host(self._predict(params, model_state, images))
                 valid = np.asarray(batch["valid"], bool)
                 rows = {"fine": fine, "coarse": coarse, **{k: batch[k] for k in keys[2:]}}
                 for k in keys:
