@@ -10,10 +10,12 @@ How a process learns it is part of a multi-process run (`resolve`):
 - explicit: `--coordinator HOST:PORT --num-processes N --process-id I` (or the
   environment variables MIMJAX_COORDINATOR / MIMJAX_NUM_PROCESSES /
   MIMJAX_PROCESS_ID), e.g. local processes or a launcher that knows the hosts;
-- detected: under SLURM with more than one task, on a Cloud TPU pod with more
-  than one worker, or under Open MPI with more than one rank, JAX's own cluster
-  detection finds the coordinator and this process's id (`--distributed=auto`,
-  the default, or `--distributed=on` to require it);
+- detected: under SLURM with more than one task, on a TPU pod whose environment
+  lists more than one worker (GKE, queued resources, multislice), or under Open MPI
+  with more than one rank, JAX's own cluster detection finds the coordinator and
+  this process's id (`--distributed=auto`, the default). A TPU VM pod created with
+  `gcloud compute tpus tpu-vm create` announces its workers only through the
+  metadata server: run it with `--distributed=on` (tools/launch/tpu_pod.sh does);
 - otherwise, and with `--distributed=off`, one process.
 
 Then every process logs one line (its index, its local and the global devices),
@@ -97,8 +99,10 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
     if "SLURM_JOB_ID" in environ and count("SLURM_NTASKS") > 1 \
             and "SLURM_PROCID" in environ:  # inside an srun step, not the batch shell
         return "slurm"
-    workers = [w for w in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if w]
-    if len(workers) > 1:
+    for name in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):  # GKE, queued resources
+        if len([w for w in environ.get(name, "").split(",") if w]) > 1:
+            return "tpu"
+    if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):  # multislice
         return "tpu"
     if count("OMPI_COMM_WORLD_SIZE") > 1:
         return "mpi"
@@ -263,7 +267,12 @@ class StopSignal:
     def __init__(self):
         import jax
 
-        self._multi = jax.process_count() > 1
+        self._multi = jax.process_count() > 1 and jax.distributed.is_initialized()
+        if jax.process_count() > 1 and not self._multi:
+            log.warning(
+                "%d processes but JAX's distributed runtime was not started (a TPU pod run "
+                "without --distributed=on?): a SIGTERM stops only the process that gets it, "
+                "and the others wait for it at the next collective.", jax.process_count())
         self._requested = False
         if not self._multi and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)

@@ -55,6 +55,8 @@ def test_bad_settings_name_the_fix(args, env, message):
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),  # the batch shell, not an srun task
     ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, "tpu"),
     ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # a single-host TPU VM
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8471,10.0.0.2:8471"}, "tpu"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "tpu"),
     ({"OMPI_COMM_WORLD_SIZE": "4"}, "mpi"),
     ({}, None),
 ])
