@@ -4,7 +4,8 @@ ports, against 1 process on 4 devices.
 
 - the processes' batches, stacked in process order, are the 1-process batch, step by
   step (records, augmentations, example ids);
-- losses and final parameters equal the 1-process run's (tolerance below: the
+- losses and final parameters equal the 1-process run's, the 2-process mesh built
+  with an outer data-parallel factor across processes (tolerance below: the
   cross-process all-reduce sums in another order, so not bitwise);
 - the 2-process checkpoint restores in 1 process on 4 and on 1 device, with the same
   parameters and the data position after the last step;
@@ -111,8 +112,11 @@ def runs(tmp_path_factory):
         assert _wait_all([one], [root / "one.log"], START_TIMEOUT) == [0], _tail(root / "one.log")
         port = _free_port()
         logs = [root / f"two_p{p}.log" for p in range(2)]
+        # The data axis as 2 groups of processes x 2 devices (mesh.dcn_data): the
+        # multi-node / multi-slice layout, here one group per process.
         procs = [_start(_worker(root / "dump2", root / "two", data_dir,
-                                *_distributed_flags(port, p)), logs[p], 2) for p in range(2)]
+                                *_distributed_flags(port, p), "--config.mesh.dcn_data=2"),
+                        logs[p], 2) for p in range(2)]
         try:
             codes = _wait_all(procs, logs, START_TIMEOUT)
         finally:
