@@ -159,6 +159,42 @@ def test_restore_onto_fewer_devices(tmp_path):
         assert leaf.sharding.mesh.devices.size == len(devices)
 
 
+class _Position:
+    """A data iterator's state, as the checkpointer saves and restores it."""
+
+    def __init__(self, position=0):
+        self.state = {"global_position": position}
+
+    def get_state(self):
+        return dict(self.state)
+
+    def set_state(self, state):
+        self.state = dict(state)
+
+
+def test_data_position_is_written_once_and_old_per_process_files_still_restore(tmp_path):
+    config, mesh, spec, tx, schedule, state, abstract, shardings = _setup(
+        {"data": 8, "fsdp": 1, "tensor": 1})
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), save_every=1)
+    ckpt.save(1, state, _Position(48))
+    ckpt.close()
+    item = tmp_path / "ckpt" / "1" / "data_iter"
+    assert not list(item.glob("process_*"))  # one topology-free file, not one per process
+    reader = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+    restored = _Position()
+    reader.restore(1, target, restored)
+    assert restored.state == {"global_position": 48}
+    # A checkpoint written by grain's handler (one JSON per process) still restores.
+    for old in item.iterdir():
+        old.unlink()
+    (item / "process_0-of-2.json").write_text('{"global_position": 96}')
+    (item / "process_1-of-2.json").write_text('{"global_position": 96}')
+    reader.restore(1, target, restored)
+    reader.close()
+    assert restored.state == {"global_position": 96}
+
+
 def test_trainer_import_pulls_no_tensorflow():
     code = ("import sys, main, mimjax.train, input_pipeline.pipeline; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
