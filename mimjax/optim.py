@@ -10,6 +10,8 @@ Fine-tuning (BEiT / MAE fine-tuning recipe), both off by default:
   embedding, class token) at lr * layer_decay**(L + 1), everything after the blocks
   (final norm, head) at lr;
 - `head_lr_mult`: the head (top-level `head/` parameters) learns at lr * head_lr_mult.
+`frozen` (e.g. ("teachers",)) names top-level parameter parts that are never updated
+and get no optimizer state (a distiller's teacher encoders).
 Both scale the optimizer's whole update (weight decay included), as MAE's per-group
 `lr_scale` does. Stacked (`scan=True`) blocks get one scale per layer slice.
 """
@@ -66,7 +68,26 @@ def make_optimizer(opt_cfg, schedule) -> optax.GradientTransformation:
     # Added only when it changes something: the optimizer state stays as it was otherwise.
     if (layer_decay is not None and layer_decay != 1.0) or head_lr_mult != 1.0:
         parts.append(scale_by_layerwise_lr(layer_decay, head_lr_mult=head_lr_mult))
-    return optax.chain(*parts)
+    return freeze(optax.chain(*parts), opt_cfg.get("frozen", None) or ())
+
+
+def freeze(tx: optax.GradientTransformation, frozen) -> optax.GradientTransformation:
+    """`tx` for every parameter except the top-level parts named in `frozen` (e.g.
+    ("teachers",): a distiller's teacher encoders), whose updates are zero and which
+    get no optimizer state. Without `frozen`, `tx` itself (its state unchanged)."""
+    frozen = tuple(frozen)
+    if not frozen:
+        return tx
+
+    def labels(params):
+        missing = sorted(set(frozen) - set(params))
+        if missing:
+            raise ValueError(f"optimizer.frozen names {missing}, which the model does not "
+                             f"have; its parameters are {sorted(params)}.")
+        return {name: jax.tree.map(lambda _, f=name in frozen: "frozen" if f else "train",
+                                   subtree) for name, subtree in params.items()}
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 # ---------------------------------------------------------------- layer-wise lr decay

@@ -2,11 +2,12 @@
 
 from flax import nnx
 
-from mimjax.models import classifier, heatmap, mae, mcr, segmenter
+from mimjax.models import classifier, distiller, heatmap, mae, mcr, segmenter
 
 _BUILDERS = {"mae": mae.build_mae, "vit_classifier": classifier.build_classifier,
              "mcr": mcr.build_mcr, "segmenter": segmenter.build_segmenter,
-             "heatmap": heatmap.build_heatmap_model}
+             "heatmap": heatmap.build_heatmap_model,
+             "universal_distiller": distiller.build_distiller}
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:

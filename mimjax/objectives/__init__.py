@@ -13,6 +13,7 @@ import jax
 
 from mimjax.objectives import (
     classification,
+    feature_distillation,
     landmark_heatmap,
     masked_reconstruction,
     mcr,
@@ -25,6 +26,7 @@ OBJECTIVES = {
     "mcr": mcr.loss_fn,
     "subclass_segmentation": subclass_segmentation.loss_fn,
     "landmark_heatmap": landmark_heatmap.loss_fn,
+    "feature_distillation": feature_distillation.loss_fn,
 }
 
 
