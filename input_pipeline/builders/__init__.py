@@ -22,6 +22,18 @@ BUILDERS = {
     "isbi2015_ceph": "landmarks",
     "chest_landmarks": "landmarks",
     "hand_landmarks": "landmarks",
+    "medmnist_pathmnist": "medmnist",
+    "medmnist_chestmnist": "medmnist",
+    "medmnist_dermamnist": "medmnist",
+    "medmnist_octmnist": "medmnist",
+    "medmnist_pneumoniamnist": "medmnist",
+    "medmnist_retinamnist": "medmnist",
+    "medmnist_breastmnist": "medmnist",
+    "medmnist_bloodmnist": "medmnist",
+    "medmnist_tissuemnist": "medmnist",
+    "medmnist_organamnist": "medmnist",
+    "medmnist_organcmnist": "medmnist",
+    "medmnist_organsmnist": "medmnist",
 }
 
 

@@ -10,6 +10,11 @@ Formats, recognised by content first (magic bytes), then by name:
   NIfTI   .nii / .nii.gz with nibabel, 3-D or 4-D, reoriented to canonical RAS+.
   raster  PNG, JPEG, BMP, TIFF with OpenCV (8 or 16 bits), colour -> one gray channel,
           alpha dropped, pixels as stored (a JPEG's EXIF orientation is not applied).
+  .npz    one image of an array in a NumPy .npz archive, named by the options
+          "npz_key" (the array) and "npz_index" (the item along its first axis), e.g.
+          MedMNIST's train_images[5]; 8/16-bit unsigned (H, W), (H, W, 1), RGB
+          (H, W, 3) or RGBA (H, W, 4), colour -> one gray channel as for rasters.
+          Read without loading the array (see `npz_item`).
 
 Pixels are in modality units: for DICOM after the Modality LUT or Rescale
 Slope/Intercept (Hounsfield units for CT), raw stored values otherwise.
@@ -39,9 +44,14 @@ manifest mistake, not a bad file) raises ValueError.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import struct
+import threading
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -100,7 +110,8 @@ class Frame:
     spacing  (row_mm, col_mm) of the source pixels, None if unknown.
     attrs    whitelisted technical attributes only (see deid.technical_attributes).
     index    where in the file: {}, {"frame": i}, {"slice": k}, {"slice": k, "time": t},
-             or {"time": t} for one 4-D time point in "volume" mode.
+             {"time": t} for one 4-D time point in "volume" mode, or {"npz_index": i}
+             for item i of an .npz array.
     window   (center, width) of the file's first VOI window, in modality units.
     The remaining fields are for `preprocess.to_unit_interval`:
     voi_function    the file's VOI LUT Function for `window` (LINEAR, LINEAR_EXACT, SIGMOID).
@@ -135,17 +146,22 @@ def read_frames(path: str, options: dict | None = None) -> list[Frame]:
                     per time point).
       "slice_axis"  0 | 1 | 2 in canonical RAS (default 2 = axial); see the module docstring.
       "view", "laterality"  strings written into attrs, overriding the file's.
+      "npz_key", "npz_index"  str, int >= 0: `path` is a NumPy .npz archive and the
+                    image is item npz_index of its array npz_key (one Frame, index
+                    {"npz_index": i}).
     Raises RejectedInput (never another exception type) for a file that must be skipped.
     """
     options = dict(options or {})
     _check_options(options)
-    kind = _detect_kind(path)
-    if kind == "raster":
-        frames = _read_raster(path, options)
-    elif kind == "nifti":
-        frames = _read_nifti(path, options)
+    if "npz_key" in options:
+        frames = _read_npz(path, options)
+    elif path.lower().endswith(".npz") and os.path.isfile(path):
+        raise RejectedInput(
+            "a NumPy .npz archive holds arrays, not one image: name the array and the "
+            "item with the options npz_key and npz_index"
+        )
     else:
-        frames = _read_dicom(path, options, forced=(kind == "dicom?"))
+        frames = _read_file(path, options)
     overrides = {
         key: deid.sanitize_string(options[key])
         for key in ("view", "laterality")
@@ -153,6 +169,17 @@ def read_frames(path: str, options: dict | None = None) -> list[Frame]:
     }
     for frame in frames:
         frame.attrs.update({k: v for k, v in overrides.items() if v is not None})
+    return frames
+
+
+def _read_file(path: str, options: dict) -> list[Frame]:
+    kind = _detect_kind(path)
+    if kind == "raster":
+        frames = _read_raster(path, options)
+    elif kind == "nifti":
+        frames = _read_nifti(path, options)
+    else:
+        frames = _read_dicom(path, options, forced=(kind == "dicom?"))
     return frames
 
 
@@ -171,6 +198,18 @@ def _check_options(options: dict) -> None:
             f"option 'slice_axis' must be 0, 1 or 2 (canonical RAS axis), got "
             f"{options['slice_axis']!r}"
         )
+    if "npz_key" in options or "npz_index" in options:
+        key, index = options.get("npz_key"), options.get("npz_index")
+        if not isinstance(key, str) or not key:
+            raise ValueError(
+                f"option 'npz_key' must name an array of the .npz archive (e.g. "
+                f'"train_images"), got {key!r}'
+            )
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or index < 0:
+            raise ValueError(
+                f"option 'npz_index' must be an item number >= 0 along the array's first "
+                f"axis, got {index!r}"
+            )
 
 
 def _is_frame_list(frames) -> bool:
@@ -691,3 +730,208 @@ def _check_jpeg_complete(path: str) -> None:
         tail = f.read()
     if b"\xff\xd9" not in tail:
         raise RejectedInput("truncated JPEG file: no end-of-image marker")
+
+
+# ----------------------------------------------------------------------------- NumPy .npz
+
+# Arrays kept open per process. Rows of one array arrive together (a split's
+# images), so a few cover the current array and the next.
+_NPZ_OPEN_MAX = 4
+_npz_open: collections.OrderedDict = collections.OrderedDict()
+_npz_lock = threading.Lock()
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class NpyHeader:
+    """What an .npy header says, and where its data starts (bytes into the .npy)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int
+
+
+def npz_headers(path: str) -> dict[str, NpyHeader]:
+    """{array name: header} of every array in the .npz archive at `path`, without
+    reading any array data. Raises RejectedInput for a file that is not a readable
+    .npz archive (or holds an unreadable or pickled array)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {}
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as stream:
+                        headers[info.filename[:-4]] = _npy_header(stream, info.filename)
+            return headers
+    except _NPZ_ERRORS as e:
+        raise RejectedInput(f"unreadable .npz archive (truncated or corrupt?): {_short(e)}") from e
+
+
+def npz_item(path: str, key: str, index: int) -> np.ndarray:
+    """Item `index` (along the first axis) of array `key` in the .npz archive at `path`.
+
+    The array is never loaded whole (MedMNIST+ image arrays are gigabytes): a stored
+    (uncompressed) member is read at its byte offset in the file; a deflated one is
+    decompressed as a stream, kept open between calls, so reading items in increasing
+    order decompresses the member once per process (going back restarts the stream).
+    Raises RejectedInput for a missing array, an index out of range, or a broken file.
+    """
+    cache_key = (os.path.abspath(path), key)
+    with _npz_lock:
+        items = _npz_open.pop(cache_key, None)
+        try:
+            if items is not None and items.identity != _file_identity(path):
+                items.close()  # the file was replaced since it was opened
+                items = None
+            if items is None:
+                items = _NpzItems(path, key)
+            item = items.read(int(index))
+        except RejectedInput:
+            if items is not None:
+                _npz_open[cache_key] = items  # a bad index leaves the stream usable
+            raise
+        except _NPZ_ERRORS as e:
+            if items is not None:
+                items.close()
+            raise RejectedInput(
+                f"unreadable .npz archive (truncated or corrupt?): {_short(e)}"
+            ) from e
+        _npz_open[cache_key] = items
+        while len(_npz_open) > _NPZ_OPEN_MAX:
+            _npz_open.popitem(last=False)[1].close()
+        return item
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _npy_header(stream, name: str) -> NpyHeader:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = fmt.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = fmt.read_array_header_2_0(stream)
+        else:
+            raise RejectedInput(f"{name}: unsupported .npy format version {version}")
+    except ValueError as e:
+        raise RejectedInput(f"{name}: not a NumPy array ({_short(e)})") from e
+    if dtype.hasobject:
+        raise RejectedInput(f"{name}: holds Python objects (pickled); only numeric arrays are read")
+    return NpyHeader(tuple(int(n) for n in shape), dtype, bool(fortran_order), stream.tell())
+
+
+class _NpzItems:
+    """Random access to the items of one array of an .npz archive (see `npz_item`)."""
+
+    def __init__(self, path: str, key: str):
+        self.key = key
+        self.identity = _file_identity(path)
+        self.archive = zipfile.ZipFile(path)
+        self.stream = self.raw = None
+        try:
+            names = self.archive.namelist()
+            member = next((m for m in (f"{key}.npy", key) if m in names), None)
+            if member is None:
+                arrays = sorted(n[:-4] for n in names if n.endswith(".npy"))
+                raise RejectedInput(f"no array {key!r} in the .npz archive (it holds {arrays})")
+            info = self.archive.getinfo(member)
+            stream = self.archive.open(info)
+            header = _npy_header(stream, member)
+            if not header.shape:
+                stream.close()
+                raise RejectedInput(f"array {key!r} is a single value, not a stack of images")
+            if header.fortran_order and len(header.shape) > 1:
+                stream.close()
+                raise RejectedInput(
+                    f"array {key!r} is stored in Fortran order, so one item is not contiguous; "
+                    "save it C-ordered (np.ascontiguousarray)"
+                )
+            self.dtype, self.count = header.dtype, header.shape[0]
+            self.item_shape = header.shape[1:]
+            self.item_bytes = int(np.prod(self.item_shape, dtype=np.int64)) * self.dtype.itemsize
+            if info.compress_type == zipfile.ZIP_STORED:
+                stream.close()
+                self.raw = open(path, "rb")
+                self.start = self._stored_data_start(info) + header.data_offset
+            else:
+                self.stream, self.start = stream, header.data_offset
+        except BaseException:
+            self.close()
+            raise
+
+    def _stored_data_start(self, info: zipfile.ZipInfo) -> int:
+        # A stored member's bytes follow its local header (whose name and extra
+        # field lengths may differ from the central directory's).
+        self.raw.seek(info.header_offset)
+        head = self.raw.read(_ZIP_LOCAL_HEADER.size)
+        if len(head) != _ZIP_LOCAL_HEADER.size:
+            raise zipfile.BadZipFile("truncated local file header")
+        signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(head)
+        if signature != b"PK\x03\x04":
+            raise zipfile.BadZipFile("bad local file header")
+        return info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
+
+    def read(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.count:
+            raise RejectedInput(
+                f"item {index} requested but array {self.key!r} has {self.count} items "
+                "(numbered from 0)"
+            )
+        source = self.raw if self.raw is not None else self.stream
+        source.seek(self.start + index * self.item_bytes)
+        data = source.read(self.item_bytes)
+        if len(data) != self.item_bytes:
+            raise EOFError(f"array {self.key!r} ends before item {index} (truncated file?)")
+        return np.frombuffer(data, self.dtype).reshape(self.item_shape)
+
+    def close(self) -> None:
+        for handle in (self.stream, self.raw, self.archive):
+            if handle is not None:
+                handle.close()
+
+
+def _read_npz(path: str, options: dict) -> list[Frame]:
+    if options.get("frames") not in (None, [0]):
+        raise RejectedInput(
+            f"frames {options['frames']} requested but an .npz item is one image (frame 0)"
+        )
+    if not os.path.isfile(path):
+        raise RejectedInput(f"file not found: {path}")
+    index = int(options["npz_index"])
+    item = npz_item(path, options["npz_key"], index)
+    if item.dtype.kind != "u" or item.dtype.itemsize not in (1, 2):
+        raise RejectedInput(
+            f"unsupported image dtype {item.dtype} in array {options['npz_key']!r}: "
+            "8- or 16-bit unsigned integers are read"
+        )
+    if item.ndim == 3 and item.shape[2] == 1:
+        item = item[..., 0]
+    bits = 8 * item.dtype.itemsize
+    attrs = {"bits_stored_source": bits}
+    if item.ndim == 3 and item.shape[2] in (3, 4):  # RGB(A), channels last
+        attrs["photometric"] = "RGB"
+        gray = _luma(item)
+    elif item.ndim == 2:
+        gray = item.astype(np.float32)
+    else:
+        raise RejectedInput(
+            f"item of shape {item.shape} in array {options['npz_key']!r} is not an image: "
+            "expected (H, W), (H, W, 1), RGB (H, W, 3) or RGBA (H, W, 4)"
+        )
+    if gray.size == 0:
+        raise RejectedInput(f"empty image {item.shape} in array {options['npz_key']!r}")
+    return [
+        Frame(
+            pixels=gray,
+            spacing=None,
+            attrs=attrs,
+            index={"npz_index": index},
+            default_range=(0.0, float(2**bits - 1)),
+        )
+    ]
