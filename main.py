@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from mimjax import distributed  # light: JAX is imported when the runtime starts
+from mimjax import distributed, host_memory  # light: no JAX until the runtime starts
 
 EPILOG = """\
 examples:
@@ -51,6 +51,13 @@ def _setup_logging() -> None:
 
 
 def main(argv=None) -> int:
+    # First, before JAX starts: glibc keeps a step's freed buffers for the next step
+    # instead of mapping them afresh (mimjax/host_memory.py; MIMJAX_ALLOCATOR=system: off).
+    try:
+        host_memory.configure()
+    except ValueError as error:  # a bad MIMJAX_ALLOCATOR value
+        print(f"main.py: {error}", file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     from mimjax import run_config  # light: no JAX
 

@@ -185,21 +185,26 @@ def make_train_step(spec: ModelSpec, tx, loss_fn: Callable, schedule, *,
             state.params, state.model_state, batch, rng, state.step)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # A non-finite step leaves parameters and optimizer state untouched.
-        keep_if_finite = lambda new, old: jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o), new, old)
-        params = keep_if_finite(new_params, state.params)
-        ema = state.ema_params
-        if ema_decay:
-            ema = keep_if_finite(
-                jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params), ema)
+
+        def apply_update(params, opt_state, ema, _):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if ema_decay:
+                ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+            return params, opt_state, ema, model_state
+
+        # A non-finite step leaves parameters, optimizer state, EMA and model state
+        # untouched. One conditional rather than a select per leaf: selecting between the
+        # donated old state and the new one made XLA:CPU copy the whole optimizer state at
+        # the start of the step and hold it through forward and backward (ViT-B MAE:
+        # 0.41 GB more temporaries).
+        params, opt_state, ema, model_state = jax.lax.cond(
+            finite, apply_update, lambda *old: old,
+            state.params, state.opt_state, state.ema_params, state.model_state)
         nonfinite = jnp.logical_not(finite).astype(jnp.int32)
         new_state = state.replace(
-            step=state.step + 1, params=params,
-            opt_state=keep_if_finite(new_opt_state, state.opt_state), ema_params=ema,
-            model_state=keep_if_finite(model_state, state.model_state),
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+            model_state=model_state,
             nonfinite_total=state.nonfinite_total + nonfinite,
             nonfinite_streak=(state.nonfinite_streak + 1) * nonfinite)
         # Skipped steps do not advance the optimizer's own count, hence its schedule.

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from mimjax import host_memory
 from mimjax.run_config import ConfigError
 from tools import benchmark, cli
 from tools.bench import loader, pretrain, train_step
@@ -98,8 +99,52 @@ def test_pretrain_compare_hf(tiny_config, capsys):
     assert hf["model_gflops_per_step"] == pytest.approx(r["model_gflops_per_step"])
     assert r["speedup_vs_hf"] == pytest.approx(r["img_per_s"] / hf["img_per_s"])
     assert "note" not in hf  # one scale: like for like
+    for row in (r, hf):  # each process's own system time and page faults, per window
+        assert row["sys_s_per_step"] >= 0 and row["minor_faults_per_step"] >= 0
+        assert len(row["minor_faults_per_step_windows"]) == 2
+        assert row["major_faults_per_step"] >= 0
+    assert r["allocator"]["allocator"] == "auto" and r["allocator"]["reference_env"] == {}
+    assert r["allocator"]["reference"] == "C library default"
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["speedup_vs_hf"] == r["speedup_vs_hf"]
+
+
+def test_allocator_option(tiny_config, monkeypatch):
+    """--allocator: a library that is not there, or a setting a process takes only at its
+    start asked of a running process, is one line saying what to do."""
+    from tools.bench import timing
+
+    base = ["pretrain", "--config", tiny_config, *FAST]
+    monkeypatch.setattr(timing, "_LIBRARY_DIRS", ())
+    monkeypatch.setattr(sys, "prefix", "/nonexistent")
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    with pytest.raises(cli.UsageError, match="--allocator jemalloc: no libjemalloc.so found"):
+        benchmark.run([*base, "--allocator", "jemalloc"])
+    with pytest.raises(cli.UsageError, match="expected one of auto, system"):
+        benchmark.run([*base, "--allocator", "glibc"])
+    with pytest.raises(cli.UsageError, match="glibc.malloc.hugetlb=1 from the start"):
+        benchmark.run([*base, "--allocator", "hugetlb"])
+    monkeypatch.setenv(host_memory.ENV, "auto")  # restored after the test
+    info = timing.prepare_allocator("retain", program=False)  # mallopt here, tunables there
+    assert info["reference_env"] == {"GLIBC_TUNABLES": host_memory.TUNABLES}
+    assert info["reference"] == f"GLIBC_TUNABLES={host_memory.TUNABLES}"
+
+
+def test_windows_record_page_faults_and_system_time():
+    from tools.bench import timing
+
+    class Touch(timing.Timed):
+        name = "touch"
+
+        def run(self, n):
+            for _ in range(n):
+                bytearray(8 << 20)  # fresh pages: minor faults
+            return 1.0
+
+    times = timing.time_interleaved([Touch()], warmup=0, steps=2, windows=2, log=lambda m: None)
+    row = timing.summarize(times["touch"], batch=1, cores=1)
+    assert row["minor_faults_per_step"] > 0 and len(row["minor_faults_per_step_windows"]) == 2
+    assert row["sys_s_per_step"] >= 0 and row["major_faults_per_step"] >= 0
 
 
 def test_model_flops_count():

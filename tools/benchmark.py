@@ -6,6 +6,8 @@ a module and a line to BENCHMARKS.
 Examples:
     python tools/benchmark.py pretrain --config configs/mae_vit_b16.py --image-size 224 \\
         --batch 16 --config.model.dtype=float32 --compare hf
+    python tools/benchmark.py pretrain --config configs/mae_vit_b16.py --image-size 224 \\
+        --batch 16 --config.model.dtype=float32 --compare hf --allocator tcmalloc
     python tools/benchmark.py pretrain --config configs/miram_vit_b16.py --batch 64 \\
         --config.model.attention=fused --json /tmp/bench.json
     python tools/benchmark.py mcr --config configs/mcr_demo.py --batch 64 --steps 3
@@ -32,6 +34,7 @@ import textwrap
 
 if __package__ in (None, ""):  # `python tools/benchmark.py`: put the repo root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mimjax import host_memory  # noqa: E402
 from tools import cli  # noqa: E402
 from tools.bench import landmark, loader, mcr, pretrain, segmentation, timing  # noqa: E402
 
@@ -59,11 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None, *, program: bool = False) -> dict:
     """Runs one benchmark; prints the table and then the JSON (last line of stdout) and
-    returns the result. A user's mistake raises cli.UsageError or ConfigError."""
+    returns the result. A user's mistake raises cli.UsageError or ConfigError.
+    `program`: run as a program (`main()` on sys.argv), which `--allocator` may
+    restart with the environment it needs."""
     args, overrides = cli.parse_args(build_parser(), argv)
     module = BENCHMARKS[args.command]
+    # The C allocator is set up before JAX starts (see mimjax.host_memory).
+    if getattr(args, "allocator", None):
+        args.allocator_info = timing.prepare_allocator(args.allocator, program=program)
+    else:
+        host_memory.configure()
     result = module.run(args, overrides, timing.log)
     if module.RUNS_ON_EVERY_HOST and sys.modules["jax"].process_index() != 0:
         return result  # multi-host: the first process reports
@@ -80,7 +90,7 @@ def run(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`run` as a program: exit status 0, or 2 with one line on stderr for a mistake."""
     def body():
-        run(argv)
+        run(argv, program=argv is None)
 
     return cli.run(body)
 

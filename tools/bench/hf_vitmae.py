@@ -145,8 +145,8 @@ def _serve(conn, make_config: Callable, threads: int, attn_implementation: str) 
             if request[0] == "stop":
                 break
             if request[0] == "run":
-                seconds, cpu = step.timed_run(request[1])
-                conn.send(("ok", (seconds, cpu, step.loss)))
+                usage = step.measured_run(request[1])
+                conn.send(("ok", (usage["wall"], usage["cpu"], step.loss, usage)))
             elif request[0] == "peak":
                 conn.send(("ok", step.matmul_peak()))
             else:
@@ -163,14 +163,27 @@ class HFPretrainProcess(timing.Timed):
     benchmarked config again in that process."""
     name = "hf"
 
-    def __init__(self, make_config: Callable, threads: int, attn_implementation: str, log):
+    def __init__(self, make_config: Callable, threads: int, attn_implementation: str, log,
+                 env: dict | None = None):
+        """`env`: variables the process starts with on top of this one's (e.g. a
+        GLIBC_TUNABLES setting, which a process takes only at its start)."""
         import multiprocessing
+        import os
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, daemon=True,
                                     args=(child, make_config, threads, attn_implementation))
-        self._process.start()
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            self._process.start()  # a spawned process starts with this environment
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child.close()
         log("[hf] started a separate process for the HF model")
         info = self._receive()
@@ -190,8 +203,11 @@ class HFPretrainProcess(timing.Timed):
         return payload
 
     def timed_run(self, n: int) -> tuple[float, float]:
+        """The child's (wall, CPU seconds); its system time and page faults, where its
+        reply has them, in `last_usage` (see timing.Timed.measured_run)."""
         self._conn.send(("run", n))
-        seconds, cpu, self.loss = self._receive()
+        seconds, cpu, self.loss, *usage = self._receive()
+        self.last_usage = usage[0] if usage else None
         return seconds, cpu
 
     def run(self, n: int) -> float:

@@ -37,6 +37,13 @@ one blocks on a pipe, and each window starts with one untimed step, see
 for a MIRAM (multi-scale) config it is compared at the base scale only and the
 output says so.
 
+Memory the host maps per step shows as system CPU time and minor page faults, which
+both sides report per window (mimjax from its own process's getrusage, HF from its
+process's). `--allocator` puts both processes under the same C allocator; the default
+runs each as a user would: mimjax with the glibc setting it applies itself at start
+(mimjax/host_memory.py: a step's freed buffers are reused instead of mapped afresh),
+HF with the C library's default.
+
 Reading the numbers on a CPU host: other processes take cores and memory
 bandwidth, so compare figures from one run (the windows alternate), look at the
 spread of the windows, `host_load_avg` and `cpu_utilization`, and the peak
@@ -75,6 +82,14 @@ def add_parser(subparsers) -> None:
                    help="also time HF transformers' ViTMAEForPreTraining (PyTorch, CPU)")
     p.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
                    help="attn_implementation of the HF model (default: %(default)s)")
+    p.add_argument("--allocator", default="auto",
+                   metavar="{" + ",".join(timing.ALLOCATORS) + "}|PATH",
+                   help="C allocator of both processes (default: %(default)s: mimjax as it "
+                        "sets itself up, see mimjax/host_memory.py, HF as the C library "
+                        "starts; system: the C library's default for both; retain: mimjax's "
+                        "glibc setting for both; hugetlb: glibc.malloc.hugetlb=1; tcmalloc, "
+                        "jemalloc or a library's path: LD_PRELOAD). Settings a process takes "
+                        "only at its start restart this program with them")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: the CPU cores JAX uses, i.e. "
                         "all schedulable cores)")
@@ -173,6 +188,9 @@ def run(args, overrides, log) -> dict:
 
 def _run(args, overrides, log, hf_processes: list) -> dict:
     train_step.check_windows(args)
+    allocator = getattr(args, "allocator_info", None) or {
+        "allocator": "auto", "mimjax": "not set up here", "reference": "C library default",
+        "reference_env": {}}
     config = build_config(args.config, overrides, args.image_size, args.batch)
     compiler_options = train_step.parse_xla_options(args.xla_option)
     batch = int(config.global_batch_size)
@@ -188,7 +206,7 @@ def _run(args, overrides, log, hf_processes: list) -> dict:
         make_config = functools.partial(build_config, args.config, list(overrides),
                                         args.image_size, args.batch)
         hf_step = HFPretrainProcess(make_config, args.threads or timing.cores(),
-                                    args.hf_attention, log)
+                                    args.hf_attention, log, env=allocator["reference_env"])
         hf_processes.append(hf_step)
         runners.append(hf_step)
 
@@ -238,6 +256,7 @@ def _run(args, overrides, log, hf_processes: list) -> dict:
         # Per device: XLA's analysis of the compiled step; the allocator's high-water mark.
         "memory": {**timing.compiled_memory(mimjax_step.compiled), **timing.device_memory()},
         **train_step.report_tail([load_before[0], load_after[0]], compiler_options),
+        "allocator": allocator,
     }
     if hf_step is not None:
         result.update(_hf_fields(result, per_step["hf"], hf_step, config, mask_ratio,
@@ -295,6 +314,11 @@ def format_table(r: dict) -> str:
         f"{100 * hf['model_mfu']:.1f}%" if hf else None)
     row("CPU utilisation", f"{100 * r['cpu_utilization']:.0f}%",
         f"{100 * hf['cpu_utilization']:.0f}%" if hf else None)
+    row("system CPU s / step", r.get("sys_s_per_step"), hf.get("sys_s_per_step"))
+    row("minor page faults / step", r.get("minor_faults_per_step"),
+        hf.get("minor_faults_per_step"), "{:.0f}")
+    row("major page faults / step", r.get("major_faults_per_step"),
+        hf.get("major_faults_per_step"), "{:.0f}")
     row("memory, compiled (MiB/dev)", timing.mib(r["memory"]["compiled_peak_bytes"]), None)
     row("memory, device peak (MiB)", timing.mib(r["memory"]["device_peak_bytes"]), None)
     row("compile (s)", r["compile_s"], None, "{:.1f}")
@@ -304,6 +328,10 @@ def format_table(r: dict) -> str:
               f"{r['batch']} | scales {r['scales']} | attention {r['attention']}")]
     lines += timing.format_rows(rows)
     lines.append(f"peak {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})")
+    alloc = r.get("allocator")
+    if alloc:
+        lines.append(f"allocator {alloc['allocator']}: mimjax {alloc['mimjax']}"
+                     + (f"; HF {alloc['reference']}" if hf else ""))
     if hf:
         torch_peak = (f"; torch's own 2048^3 matmul: {hf['torch_matmul_tflops']:.3f} TFLOP/s"
                       if hf["torch_matmul_tflops"] else "")

@@ -11,6 +11,11 @@ import statistics
 import sys
 import time
 
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None
+
 
 def log(message: str) -> None:
     """Progress lines go to stderr: stdout holds the table and the JSON only."""
@@ -32,6 +37,39 @@ class Timed:
         seconds = self.run(n)
         return seconds, time.process_time() - cpu
 
+    def measured_run(self, n: int) -> dict:
+        """Runs n steps: {"wall", "cpu", "sys" (seconds), "minflt", "majflt" (page
+        faults)} of the process that ran them. A runner whose steps run in another
+        process (its own `timed_run`) gives that process's figures where it reports
+        them (`last_usage`, set by its `timed_run`), else None for sys and faults."""
+        if type(self).timed_run is Timed.timed_run:
+            before = process_usage()
+            seconds = self.run(n)
+            return {"wall": seconds, **usage_since(before)}
+        seconds, cpu = self.timed_run(n)
+        usage = getattr(self, "last_usage", None) or {}
+        return {"wall": seconds, "cpu": cpu,
+                **{k: usage.get(k) for k in ("sys", "minflt", "majflt")}}
+
+
+def process_usage() -> dict | None:
+    """This process's CPU seconds (all threads; user + system, system) and page faults
+    (minor: memory mapped without I/O, e.g. freshly allocated pages; major: read from
+    disk) so far; None where `resource` is missing."""
+    if resource is None:
+        return None
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu": u.ru_utime + u.ru_stime, "sys": u.ru_stime,
+            "minflt": u.ru_minflt, "majflt": u.ru_majflt}
+
+
+def usage_since(before: dict | None) -> dict:
+    """process_usage() now minus `before` ({"cpu", "sys", "minflt", "majflt"})."""
+    after = process_usage()
+    if before is None or after is None:
+        return {"cpu": None, "sys": None, "minflt": None, "majflt": None}
+    return {k: after[k] - before[k] for k in after}
+
 
 def time_interleaved(runners: list[Timed], *, warmup: int, steps: int, windows: int,
                      log, after_round=None, after_warmup=None) -> dict[str, dict[str, list[float]]]:
@@ -42,22 +80,30 @@ def time_interleaved(runners: list[Timed], *, warmup: int, steps: int, windows: 
     process freed while the other one ran costs far more to fault back in (measured on
     a 2-core VM: ViT-B 7.5 s/step instead of 6.0 when timed from the first step).
     Returns {name: {"wall": [seconds per step, one per window], "cpu": [CPU seconds per
-    step, one per window]}}."""
+    step, one per window], "sys": [system CPU seconds per step, ...], "minflt" / "majflt":
+    [minor / major page faults per step, ...]}} (see Timed.measured_run; None entries
+    where a runner does not report them)."""
     for r in runners:
         if warmup:
             seconds = r.run(warmup)
             log(f"[{r.name}] warm-up: {warmup} steps in {seconds:.2f} s")
         if after_warmup is not None:
             after_warmup(r)
-    times: dict[str, dict[str, list[float]]] = {r.name: {"wall": [], "cpu": []} for r in runners}
+    keys = ("wall", "cpu", "sys", "minflt", "majflt")
+    times: dict[str, dict[str, list]] = {r.name: {k: [] for k in keys} for r in runners}
     for w in range(windows):
         for r in runners:
             if len(runners) > 1:
                 r.run(1)
-            seconds, cpu = r.timed_run(steps)
-            times[r.name]["cpu"].append(cpu / steps)
-            times[r.name]["wall"].append(seconds / steps)
-            log(f"[{r.name}] window {w + 1}/{windows}: {seconds / steps:.4f} s/step")
+            measured = r.measured_run(steps)
+            for k in keys:
+                v = measured.get(k)
+                times[r.name][k].append(None if v is None else v / steps)
+            faults = ("" if measured.get("minflt") is None else
+                      f", {measured['minflt'] / steps:.0f} minor page faults and "
+                      f"{measured['sys'] / steps:.2f} s system CPU per step")
+            log(f"[{r.name}] window {w + 1}/{windows}: {measured['wall'] / steps:.4f} "
+                f"s/step{faults}")
         if after_round is not None:
             after_round()
     return times
@@ -66,14 +112,105 @@ def time_interleaved(runners: list[Timed], *, warmup: int, steps: int, windows: 
 def summarize(times: dict[str, list[float]], batch: int, cores: int) -> dict:
     """Median / mean / spread of the per-window step times. `cpu_utilization` is process
     CPU time / (wall time x cores): below 1 when threads sit idle or other processes
-    take the cores (then `host_load_avg` is high too)."""
+    take the cores (then `host_load_avg` is high too). System CPU time and page
+    faults per step (median over the windows, and one per window): a step that maps
+    fresh memory for its buffers shows them (see mimjax.host_memory); None where the
+    runner does not report them."""
     wall = times["wall"]
     median = statistics.median(wall)
-    return {"step_time_s": median, "step_time_mean_s": statistics.fmean(wall),
-            "step_time_min_s": min(wall), "step_time_max_s": max(wall),
-            "step_times_s": wall, "img_per_s": batch / median,
-            "cpu_s_per_step": statistics.median(times["cpu"]),
-            "cpu_utilization": statistics.fmean(c / w for c, w in zip(times["cpu"], wall)) / cores}
+    out = {"step_time_s": median, "step_time_mean_s": statistics.fmean(wall),
+           "step_time_min_s": min(wall), "step_time_max_s": max(wall),
+           "step_times_s": wall, "img_per_s": batch / median,
+           "cpu_s_per_step": statistics.median(times["cpu"]),
+           "cpu_utilization": statistics.fmean(c / w for c, w in zip(times["cpu"], wall)) / cores}
+    for key, name in (("sys", "sys_s"), ("minflt", "minor_faults"), ("majflt", "major_faults")):
+        values = times.get(key) or [None]
+        known = None not in values
+        out[f"{name}_per_step"] = statistics.median(values) if known else None
+        out[f"{name}_per_step_windows"] = values if known else None
+    return out
+
+
+# ----------------------------------------------------------------------------- allocator
+# `--allocator`: the C allocator both sides of a comparison run under. "auto": as each
+# runs for a user (mimjax with mimjax.host_memory's setting, the reference process with
+# its C library's default); "system": the C library's default for both; "retain":
+# host_memory's glibc setting for both (mallopt here, GLIBC_TUNABLES in the reference
+# process); "hugetlb": glibc with transparent huge pages for its heap
+# (GLIBC_TUNABLES=glibc.malloc.hugetlb=1); "tcmalloc", "jemalloc" or a path to a
+# malloc library: that library preloaded (LD_PRELOAD) into both.
+ALLOCATORS = ("auto", "system", "retain", "hugetlb", "tcmalloc", "jemalloc")
+_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+                 "/usr/lib", "/usr/local/lib")
+
+
+def allocator_library(name: str) -> str:
+    """The shared library behind `--allocator NAME` (tcmalloc, jemalloc, or a path)."""
+    import ctypes.util
+    import glob
+
+    from tools import cli
+
+    if name not in _LIBRARIES:
+        if os.path.isfile(name):
+            return os.path.abspath(name)
+        raise cli.UsageError(f"--allocator {name!r}: expected one of {', '.join(ALLOCATORS)} "
+                             "or the path of a malloc library (.so).")
+    dirs = (os.path.join(sys.prefix, "lib"),) + _LIBRARY_DIRS
+    for lib in _LIBRARIES[name]:
+        for d in dirs:
+            found = sorted(glob.glob(os.path.join(d, f"lib{lib}.so*")))
+            if found:
+                return found[0]
+        if ctypes.util.find_library(lib):
+            return ctypes.util.find_library(lib)
+    raise cli.UsageError(
+        f"--allocator {name}: no lib{'/lib'.join(_LIBRARIES[name])}.so found (looked in "
+        f"{', '.join(dirs)} and the linker's cache). Install it (Debian/Ubuntu: apt-get "
+        f"install {'libtcmalloc-minimal4' if name == 'tcmalloc' else 'libjemalloc2'}) or "
+        f"pass its path: --allocator /path/to/lib{_LIBRARIES[name][0]}.so.")
+
+
+def prepare_allocator(name: str, *, program: bool) -> dict:
+    """Sets up `--allocator NAME` for this process (before JAX starts) and returns
+    {"allocator", "mimjax", "reference", "reference_env"}: what this process and a
+    reference process run with, and the variables the latter is to start with. A
+    setting that a process can only take when it starts (GLIBC_TUNABLES, LD_PRELOAD)
+    re-executes this program with it (`program`: run as a program; otherwise the
+    caller must start with it)."""
+    from mimjax import host_memory
+    from tools import cli
+
+    startup, inprocess, reference = {}, {}, {}
+    if name == "system":
+        inprocess = {host_memory.ENV: "system"}
+    elif name == "retain":
+        inprocess = {host_memory.ENV: "retain"}
+        reference = {"GLIBC_TUNABLES": host_memory.TUNABLES}
+    elif name == "hugetlb":
+        startup = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    elif name != "auto":
+        startup = {"LD_PRELOAD": allocator_library(name)}
+    missing = {k: v for k, v in startup.items() if os.environ.get(k) != v}
+    if missing:
+        settings = " ".join(f"{k}={v}" for k, v in missing.items())
+        if not program or "jax" in sys.modules:
+            raise cli.UsageError(f"--allocator {name} needs {settings} from the start of "
+                                 "the process: run tools/benchmark.py as a program, or "
+                                 "start it with that environment.")
+        log(f"[allocator] restarting with {settings}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                  {**os.environ, **missing})
+    os.environ.update(inprocess)
+    status = host_memory.configure()
+    described = " ".join(f"{k}={v}" for k, v in startup.items())
+    # A reference process inherits the startup settings; `reference_env` comes on top.
+    reference_text = described or " ".join(f"{k}={v}" for k, v in reference.items())
+    return {"allocator": name, "mimjax": described or f"host_memory: {status}",
+            "reference": reference_text or "C library default", "reference_env": reference}
 
 
 # ----------------------------------------------------------------------------- devices
