@@ -343,9 +343,10 @@ class Run:
                                                            self.shardings.params)
         context = HookContext(config=config, spec=self.spec, mesh=self.mesh, workdir=workdir,
                               writer=self.writer, params_target=params_target)
+        # Every process at once, not chief_first: hooks may hold checkpoint managers whose
+        # creation is a collective. (Their data is the training data's, prepared above.)
         with _as_config_error("data"):
-            self.hooks = distributed.chief_first(lambda: self.task.eval_hooks(context),
-                                                 "the evaluation data")
+            self.hooks = self.task.eval_hooks(context)
         self._stop = distributed.StopSignal()
         self.last_metrics: dict[str, float] = {}
 

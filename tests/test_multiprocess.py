@@ -10,7 +10,8 @@ ports, against 1 process on 4 devices.
 - the 2-process checkpoint restores in 1 process on 4 and on 1 device, with the same
   parameters and the data position after the last step;
 - SIGTERM to one process stops both at the same step, saved, exit 0;
-- SIGKILL of one process makes the other exit non-zero within a bounded time.
+- SIGKILL of one process makes the other exit non-zero within a bounded time;
+- fine-tuning and landmark runs (best-checkpoint val evals, test metrics) finish.
 
 Every process is ended by its pid whatever happens. About 2-3 minutes on 2 cores.
 """
@@ -245,6 +246,26 @@ def test_sigterm_on_one_process_stops_every_process_at_one_step(runs, tmp_path):
         assert ckpt.latest_step() == stopped[0]
     finally:
         ckpt.close()
+
+
+@pytest.mark.parametrize("config", ["configs/finetune_cbis_pathology.py:tiny",
+                                    "configs/landmarks_hand.py:tiny"])
+def test_tasks_with_best_checkpoints_finish_in_two_processes(config, runs, tmp_path):
+    """Fine-tuning and landmark runs (val evals keeping the best in WORKDIR/best, whose
+    checkpoint manager is created by every process together, then test metrics)."""
+    port = _free_port()
+    logs = [tmp_path / f"p{p}.log" for p in range(2)]
+    procs = [_start(["main.py", "--config", config, "--workdir", str(tmp_path / "work"),
+                     *_distributed_flags(port, p), f"--config.data.dir={runs / 'data'}"],
+                    logs[p], 2) for p in range(2)]
+    try:
+        codes = _wait_all(procs, logs, START_TIMEOUT)
+    finally:
+        _end(procs)
+    assert codes == [0, 0], "\n\n".join(map(_tail, logs))
+    test_metrics = json.loads((tmp_path / "work" / "test_metrics.json").read_text())
+    assert test_metrics
+    assert (tmp_path / "work" / "best").is_dir()
 
 
 def test_killing_one_process_ends_the_other_with_an_error(runs, tmp_path):
