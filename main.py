@@ -70,9 +70,7 @@ def main(argv=None) -> int:
     _setup_logging()
     debug = bool(os.environ.get("MIMJAX_DEBUG"))
     try:  # before anything else touches JAX
-        distributed.initialize(distributed.resolve(
-            args.distributed, args.coordinator, args.num_processes, args.process_id,
-            heartbeat_timeout=args.heartbeat_timeout))
+        distributed.initialize(distributed.resolve_args(args))
     except distributed.DistributedError as error:
         if debug:
             raise

@@ -86,6 +86,12 @@ def add_arguments(parser) -> None:
                             "(default: %(default)s).")
 
 
+def resolve_args(args) -> Settings:
+    """`resolve` from the flags `add_arguments` defines (and the environment)."""
+    return resolve(args.distributed, args.coordinator, args.num_processes, args.process_id,
+                   heartbeat_timeout=args.heartbeat_timeout)
+
+
 def detect_cluster(environ: Mapping[str, str]) -> str | None:
     """The multi-process cluster this environment describes, or None (one process).
 
@@ -119,7 +125,7 @@ def resolve(mode: str = "auto", coordinator: str | None = None,
         raise DistributedError(f"--distributed must be one of {MODES}, got {mode!r}.")
     coordinator = coordinator or environ.get(ENV_COORDINATOR) or None
 
-    def integer(value, flag, env):
+    def integer(value, env):
         if value is None and environ.get(env, "") != "":
             try:
                 value = int(environ[env])
@@ -127,8 +133,8 @@ def resolve(mode: str = "auto", coordinator: str | None = None,
                 raise DistributedError(f"{env}={environ[env]!r} is not an integer.") from None
         return value
 
-    num_processes = integer(num_processes, "--num-processes", ENV_NUM_PROCESSES)
-    process_id = integer(process_id, "--process-id", ENV_PROCESS_ID)
+    num_processes = integer(num_processes, ENV_NUM_PROCESSES)
+    process_id = integer(process_id, ENV_PROCESS_ID)
     explicit = [x is not None for x in (coordinator, num_processes, process_id)]
     if mode == "off":
         if any(explicit):

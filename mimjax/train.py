@@ -377,13 +377,9 @@ class Run:
         return self._stop.requested
 
     def params(self) -> dict:
-        """The current parameters as a nested dict of host numpy arrays."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return jax.tree.map(np.asarray, multihost_utils.process_allgather(
-                self.state.params, tiled=True))
-        return jax.tree.map(np.asarray, jax.device_get(self.state.params))
+        """The current parameters as a nested dict of host numpy arrays (on every
+        process: a collective in a multi-process run)."""
+        return sharding.to_host(self.state.params)
 
     def set_params(self, params: dict) -> None:
         """Replaces the parameters named in `params` (a nested dict, all of the model's

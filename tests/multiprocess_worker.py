@@ -43,9 +43,7 @@ def main(argv) -> int:
     overrides, rest = run_config.split_overrides(main_args)
     args = entry.build_parser().parse_args(rest)
     entry._setup_logging()
-    distributed.initialize(distributed.resolve(
-        args.distributed, args.coordinator, args.num_processes, args.process_id,
-        heartbeat_timeout=args.heartbeat_timeout))
+    distributed.initialize(distributed.resolve_args(args))
     dump_batches(run_config.load(args.config, overrides), directory, num_batches)
     from mimjax import drivers
 
