@@ -79,6 +79,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     # tools/prepare_data.py's engine) and train on them beside the phantom.
     c.pydicom_cr = False
     c.tfds = tfds_source.default_tfds_config()  # source "tfds": dataset, splits, features
+    # A per-site "scanner" applied to every image as it is decoded (scanner.py,
+    # through sources.resolve, so every pipeline sees it): in [0, 1] units,
+    # offset + contrast * x**gamma, then resolution (< 1: down- and up-sampled by
+    # that factor, same size), a Gaussian blur of blur_sigma px and Gaussian noise
+    # of std `noise`, seeded per record. These defaults are the identity (off).
+    c.scanner = ml_collections.ConfigDict(
+        dict(gamma=1.0, noise=0.0, blur_sigma=0.0, resolution=1.0, contrast=1.0, offset=0.0)
+    )
     c.crop_scale = (0.2, 1.0)  # area fraction of the random resized crop
     c.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio range, sampled log-uniformly
     c.hflip = True

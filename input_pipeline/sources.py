@@ -42,6 +42,7 @@ cached rendering and its folder.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -73,6 +74,7 @@ from input_pipeline.rendered import (  # noqa: F401  (re-exported)
     phantom_shards_dir,
     pydicom_data_dir,
 )
+from input_pipeline.scanner import ScannedDecoder, Scanner
 
 __all__ = [
     "SPLITS",
@@ -359,10 +361,12 @@ def pretrain_split(data_cfg: Any) -> str | None:
 def resolve(data_cfg: Any, split: str | None) -> RecordSource:
     """The records of `split` ("train", "val", "test"; None = every record, where
     the layout allows it) of the data `data_cfg` names. Renders a phantom the
-    first time. An empty result is an error: nothing can train or evaluate on it."""
+    first time. An empty result is an error: nothing can train or evaluate on it.
+    With `data.scanner` set, its images decode through that scanner (scanner.py)."""
     if split is not None and split not in SPLITS:
         raise DataSourceError(f"split must be one of {SPLITS} (or None), got {split!r}")
     kind = layout_name(data_cfg)
+    site = Scanner.from_config(_get(data_cfg, "scanner"))  # checked before any rendering
     src = _layout(kind).open(data_cfg, split)
     if len(src) == 0:
         what = f"the {split!r} split of" if split else "data.source=" + repr(kind) + ","
@@ -370,7 +374,17 @@ def resolve(data_cfg: Any, split: str | None) -> RecordSource:
             f"{what} {src.where} has no records: ingest records into it, or for a phantom "
             "raise phantom_num_images or that split's phantom_split fraction"
         )
-    return src
+    return src if site is None else _scanned(src, site)
+
+
+def _scanned(src: RecordSource, site: Scanner) -> RecordSource:
+    """`src` decoded through `site` (scanner.py): the same raw records, split,
+    paths and class, with a ScannedDecoder, so every pipeline sees the same
+    scanned pixels."""
+    scanned = copy.copy(src)  # a shallow copy: shares the raw records
+    scanned.decoder = ScannedDecoder(src.decoder, site)
+    scanned.where = f"{src.where} through {site.describe()}"
+    return scanned
 
 
 def data_root(data_cfg: Any) -> str:
