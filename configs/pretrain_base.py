@@ -52,7 +52,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         base_lr=1.5e-4, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
         grad_clip_norm=placeholder(float),
-        frozen=()))  # top-level parameter parts never updated (mimjax.optim.freeze)
+        frozen=(),  # top-level parameter parts never updated (mimjax.optim.freeze)
+        proximal_mu=0.0,  # > 0: FedProx / L2-SP pull (mu/2)||w - w_anchor||^2 (0 = off)
+        proximal_parts=("encoder",)))  # top-level parts the proximal term covers
     c.ema_decay = 0.0                 # > 0 keeps an EMA of the parameters
     c.max_consecutive_nonfinite = 10  # stop after this many skipped (non-finite) steps
 

@@ -10,15 +10,25 @@ Fine-tuning (BEiT / MAE fine-tuning recipe), both off by default:
   embedding, class token) at lr * layer_decay**(L + 1), everything after the blocks
   (final norm, head) at lr;
 - `head_lr_mult`: the head (top-level `head/` parameters) learns at lr * head_lr_mult.
-`frozen` (e.g. ("teachers",)) names top-level parameter parts that are never updated
-and get no optimizer state (a distiller's teacher encoders).
 Both scale the optimizer's whole update (weight decay included), as MAE's per-group
 `lr_scale` does. Stacked (`scan=True`) blocks get one scale per layer slice.
+
+`frozen` (e.g. ("teachers",)) names top-level parameter parts that are never updated
+and get no optimizer state (a distiller's teacher encoders).
+
+`proximal_mu` > 0 (off by default; FedProx's client loss, Li et al. 2020, or L2-SP)
+adds the exact gradient of (mu / 2) * ||w - w_anchor||^2 over the top-level parts in
+`proximal_parts` (default ("encoder",)) to the raw gradient, before clipping and
+AdamW: what adding the term to the loss does. The anchor lives in the optimizer state
+(`ProximalState`): the parameters at initialisation, reset by `set_anchor` whenever
+parameters are set from outside (`mimjax.train.Run.set_params`, e.g. the global model
+at the start of a federated round).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +64,14 @@ def make_schedule(opt_cfg, *, global_batch_size: int, total_steps: int, warmup_s
 
 
 def make_optimizer(opt_cfg, schedule) -> optax.GradientTransformation:
-    """Clipping (optional) -> AdamW -> layer-wise / head lr scaling (optional)."""
+    """Proximal term (optional) -> clipping (optional) -> AdamW -> layer-wise / head
+    lr scaling (optional), all but the `frozen` parts."""
     parts = []
+    proximal_mu = float(opt_cfg.get("proximal_mu", 0.0) or 0.0)
+    if proximal_mu:  # added only when on: with mu = 0 the state stays as it was
+        proximal_parts = opt_cfg.get("proximal_parts", None)
+        parts.append(proximal(proximal_mu,
+                              ("encoder",) if proximal_parts is None else proximal_parts))
     if opt_cfg.get("grad_clip_norm", None):
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
     parts.append(optax.adamw(
@@ -176,3 +192,97 @@ def scale_by_layerwise_lr(layer_decay: float | None,
         return scaled, state
 
     return optax.GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------- proximal term
+class ProximalState(NamedTuple):
+    """The anchor w_anchor of the proximal term: {part: parameters} for the parts the
+    term covers (inside `freeze`, frozen leaves are optax `MaskedNode`s)."""
+    anchor: Any
+
+
+def proximal(mu: float, parts=("encoder",)) -> optax.GradientTransformation:
+    """Adds mu * (w - w_anchor) to the updates of the top-level parameter parts named
+    in `parts` (other parts untouched): the exact gradient of (mu / 2) *
+    ||w - w_anchor||^2, FedProx's proximal term (Li et al., MLSys 2020) or L2-SP's.
+    Place it first, on the raw gradient, so that clipping and the optimizer see the
+    gradient of the loss plus the term. `init` copies the parameters as the anchor;
+    `update` never changes it (`set_anchor` does)."""
+    if isinstance(parts, str) or not parts or not all(isinstance(p, str) for p in parts):
+        raise ValueError("optimizer.proximal_parts must be a non-empty tuple of top-level "
+                         f"parameter names such as ('encoder',), got {parts!r}.")
+    mu, parts = float(mu), tuple(parts)
+    if not (mu >= 0 and np.isfinite(mu)):
+        raise ValueError(f"optimizer.proximal_mu must be >= 0 (0 = off), got {mu}.")
+
+    def check(params):
+        if not isinstance(params, dict):
+            raise ValueError("the proximal term needs the parameters as a dict of top-level "
+                             f"parts, got {type(params).__name__}.")
+        missing = sorted(set(parts) - set(params))
+        if missing:
+            raise ValueError(f"optimizer.proximal_parts names {missing}, which the model does "
+                             f"not have; its parameters are {sorted(params)}.")
+
+    def init(params):
+        check(params)
+        return ProximalState(anchor={name: jax.tree.map(jnp.copy, params[name])
+                                     for name in parts})
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("the proximal term needs the parameters: call "
+                             "tx.update(grads, opt_state, params).")
+        out = dict(updates)
+        for name in parts:
+            out[name] = jax.tree.map(
+                lambda g, w, a: g + (mu * (w - a)).astype(g.dtype),
+                updates[name], params[name], state.anchor[name])
+        return out, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _is_proximal(node) -> bool:
+    return isinstance(node, ProximalState)
+
+
+def get_anchor(opt_state):
+    """The anchor of the first `ProximalState` in `opt_state` (any nesting of optax
+    states), or None where the optimizer has no proximal term."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_proximal) if _is_proximal(s)]
+    return found[0].anchor if found else None
+
+
+def set_anchor(opt_state, params):
+    """`opt_state` with each `ProximalState`'s anchor set to the matching entries of
+    `params` (a nested dict: all of the model's parameters or some of them; anchor
+    entries it does not name stay). New anchor arrays take the dtype and sharding of
+    the ones they replace, in buffers of their own (never aliasing `params`, which a
+    donating train step consumes). Without a proximal term, `opt_state` itself."""
+    if get_anchor(opt_state) is None:
+        return opt_state
+    given = {path_to_str(path): value
+             for path, value in jax.tree_util.tree_leaves_with_path(params)}
+
+    def place(path, old):
+        new = given.get(path_to_str(path))
+        if new is None:
+            return old
+        if tuple(np.shape(new)) != tuple(np.shape(old)):
+            raise ValueError(f"anchor {path_to_str(path)}: given shape {np.shape(new)}, the "
+                             f"optimizer state's is {np.shape(old)}.")
+        if isinstance(old, jax.Array):
+            if isinstance(new, jax.Array):
+                new = new.astype(old.dtype)
+            else:
+                new = np.asarray(new, dtype=old.dtype)
+            return jax.device_put(new, old.sharding, may_alias=False)
+        return jnp.array(new, dtype=old.dtype)
+
+    def reset(node):
+        if not _is_proximal(node):
+            return node
+        return node._replace(anchor=jax.tree_util.tree_map_with_path(place, node.anchor))
+
+    return jax.tree.map(reset, opt_state, is_leaf=_is_proximal)

@@ -301,6 +301,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.weight_decay", _ge(0), ">= 0"),
     ("optimizer.grad_clip_norm", _gt(0), "> 0, or None for no clipping"),
     ("optimizer.layer_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
+    ("optimizer.proximal_mu", _ge(0), ">= 0 (0 = no proximal term)"),
     ("ema_decay", _in(0, 1), "in [0, 1) (0 = no EMA)"),
     ("eval_every", _int_ge(0), "an integer >= 0 (0 = at the last step only)"),
     ("peak_tflops_per_device", _gt(0), "> 0, or None to measure it"),

@@ -107,7 +107,9 @@ def _place(host: np.ndarray, target_sharding) -> jax.Array:
 def init_from_pretrained(config, state: TrainState, abstract_state, shardings) -> TrainState:
     """The fresh `state` with its encoder (and the EMA's, if kept) from `config.init`,
     a pretraining workdir; parameters the checkpoint lacks (e.g. the head) and the
-    optimizer state stay as initialised (zero Adam moments suit any parameters)."""
+    optimizer state stay as initialised (zero Adam moments suit any parameters),
+    except a proximal term's anchor, which moves to the loaded parameters (L2-SP
+    regularises towards the pretrained weights, not the random ones)."""
     loaded, _ = pretrained.init_from_checkpoint(
         abstract_state.params, config.init, config.get("init_step", None),
         use_ema=bool(config.get("init_use_ema", False)),
@@ -122,7 +124,8 @@ def init_from_pretrained(config, state: TrainState, abstract_state, shardings) -
     ema = state.ema_params
     if ema:  # its own buffers: params are donated into the step
         ema = jax.tree.map(place, loaded, ema, shardings.ema_params)
-    return state.replace(params=params, ema_params=ema)
+    return state.replace(params=params, ema_params=ema,
+                         opt_state=optim.set_anchor(state.opt_state, params))
 
 
 def rules_from(config):
@@ -385,7 +388,9 @@ class Run:
         """Replaces the parameters named in `params` (a nested dict, all of the model's
         or a part such as {"encoder": ...}); the rest of the state (other parameters,
         optimizer moments, step, data position) stays. With an EMA, its entries restart
-        from the given values: an average over another trajectory would mean nothing."""
+        from the given values: an average over another trajectory would mean nothing.
+        With a proximal term (optimizer.proximal_mu), its anchor restarts from the
+        parameters as now set (FedProx: the global model a round starts from)."""
         given = param_tree.flatten(params)
         current = param_tree.flatten_leaves(self.state.params)
         targets = param_tree.flatten_leaves(self.shardings.params)
@@ -407,7 +412,11 @@ class Run:
             return param_tree.unflatten(flat)
 
         ema = replace(self.state.ema_params) if self.state.ema_params else self.state.ema_params
-        self.state = self.state.replace(params=replace(self.state.params), ema_params=ema)
+        new_params = replace(self.state.params)
+        # The proximal term's anchor (optimizer.proximal_mu) restarts from the parameters
+        # now set, all of them (in copies with the anchor's own shardings); no-op without it.
+        opt_state = optim.set_anchor(self.state.opt_state, new_params)
+        self.state = self.state.replace(params=new_params, ema_params=ema, opt_state=opt_state)
         log.info("Step %d: %d of %d parameter arrays replaced by the given parameters.",
                  self.step, len(given), len(current))
 
