@@ -9,6 +9,7 @@ from __future__ import annotations
 from mimjax.run_config import ConfigError
 from mimjax.tasks.base import Task, TrainData
 from mimjax.tasks.classification import ClassificationTask
+from mimjax.tasks.distill import DistillTask
 from mimjax.tasks.image_text import ImageTextTask
 from mimjax.tasks.landmarks import LandmarkTask
 from mimjax.tasks.pretrain import PretrainTask
@@ -17,7 +18,7 @@ from mimjax.tasks.segmentation import SegmentationTask
 TASKS: dict[str, type[Task]] = {
     task.name: task
     for task in (PretrainTask, ClassificationTask, ImageTextTask, SegmentationTask,
-                 LandmarkTask)
+                 LandmarkTask, DistillTask)
 }
 DEFAULT_TASK = PretrainTask.name  # configs without a `task` field pretrain
 
