@@ -5,7 +5,10 @@ end-of-run evals). "experiment" pretrains, fine-tunes and probes several arms an
 tabulates them (mimjax.drivers.experiment); "segmentation_arms" trains segmentation
 arms on one budget and tabulates per-volume test metrics with paired bootstrap
 intervals (mimjax.drivers.segmentation_arms); "landmark_arms" does the same for
-landmark detection (MRE and SDR per test image; mimjax.drivers.landmark_arms). main.py
+landmark detection (MRE and SDR per test image; mimjax.drivers.landmark_arms);
+"federated" runs a federation on Flower's Simulation Engine
+(mimjax.drivers.federated.simulation) and "federated_loso" its leave-one-site-out
+experiment (mimjax.drivers.federated.loso). main.py
 and the tools are the only importers of this package.
 """
 
@@ -22,6 +25,8 @@ DRIVERS = {
     "experiment": "mimjax.drivers.experiment:run_experiment",
     "segmentation_arms": "mimjax.drivers.segmentation_arms:run_experiment",
     "landmark_arms": "mimjax.drivers.landmark_arms:run_experiment",
+    "federated": "mimjax.drivers.federated.simulation:run_federation",
+    "federated_loso": "mimjax.drivers.federated.loso:run_loso",
 }
 DEFAULT_DRIVER = "train"
 # drivers that run several configs: their whole-experiment check (every run config
@@ -30,6 +35,8 @@ CHECKS = {
     "experiment": "mimjax.drivers.experiment:check_experiment",
     "segmentation_arms": "mimjax.drivers.arms:check_arms",
     "landmark_arms": "mimjax.drivers.arms:check_arms",
+    "federated": "mimjax.drivers.federated.simulation:check_federation",
+    "federated_loso": "mimjax.drivers.federated.loso:check_loso",
 }
 
 

@@ -85,6 +85,33 @@ def _encoder_params(task_cfg, spec, init_dir: str | None, seed: int) -> dict:
     return jax.tree.map(np.asarray, loaded)
 
 
+def probe_evaluator(task: str, task_cfg, probe_cfg):
+    """(the linear probe of `task_cfg`'s classification task on frozen encoder
+    features: fit on `probe_cfg.train_split`, scored on `probe_cfg.eval_split`; the
+    task model's spec, whose `encoder` the probed parameters must hold)."""
+    objective = task_cfg.objectives.classification
+    label_key = objective.label_key
+    size = int(task_cfg.model.image_size)
+    batches = {
+        split: probe_hooks.probe_batches(
+            task_cfg.data, split, image_size=size, batch_size=int(probe_cfg.batch_size),
+            label_keys=(label_key.removeprefix("label_"),),
+        )
+        for split in (probe_cfg.train_split, probe_cfg.eval_split)
+    }
+    spec = ModelSpec.from_config(task_cfg.model)
+    evaluator = linear_probe.LinearProbeEvaluator(
+        linear_probe.encoder_features_fn(spec, probe_cfg.pool),
+        train_batches=lambda fit=batches[probe_cfg.train_split]: iter(fit),
+        eval_batches=lambda held=batches[probe_cfg.eval_split]: iter(held),
+        label_key=label_key,
+        multilabel=bool(objective.multilabel),
+        class_names=tuple(task_cfg.finetune.class_names),
+        task=task,
+    )
+    return evaluator, spec
+
+
 def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
     """Linear probe per (task, arm). Returns ({(task, arm): metrics}, the paired
     differences of probe macro-AUC between every two arms of each task)."""
@@ -92,26 +119,7 @@ def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
     results, differences = {}, []
     for task, task_cfg in config.finetune.items():
         objective = task_cfg.objectives.classification
-        label_key = objective.label_key
-        size = int(task_cfg.model.image_size)
-        batches = {
-            split: probe_hooks.probe_batches(
-                task_cfg.data, split, image_size=size, batch_size=int(probe_cfg.batch_size),
-                label_keys=(label_key.removeprefix("label_"),),
-            )
-            for split in (probe_cfg.train_split, probe_cfg.eval_split)
-        }
-        spec = ModelSpec.from_config(task_cfg.model)
-        encode = linear_probe.encoder_features_fn(spec, probe_cfg.pool)
-        evaluator = linear_probe.LinearProbeEvaluator(
-            encode,
-            train_batches=lambda fit=batches[probe_cfg.train_split]: iter(fit),
-            eval_batches=lambda held=batches[probe_cfg.eval_split]: iter(held),
-            label_key=label_key,
-            multilabel=bool(objective.multilabel),
-            class_names=tuple(task_cfg.finetune.class_names),
-            task=task,
-        )
+        evaluator, spec = probe_evaluator(task, task_cfg, probe_cfg)
         scored = {}
         for arm in config.arms:
             params = _encoder_params(task_cfg, spec, pretrained.get(arm), int(config.seed))
@@ -127,26 +135,32 @@ def run_probes(config, pretrained: dict[str, str]) -> tuple[dict, list[dict]]:
 
 
 def _probe_differences(config, task: str, scored: dict, multilabel: bool) -> list[dict]:
-    """Probe test macro-AUC of arm A minus arm B for every pair of arms (in table
-    order), with a paired bootstrap 95% interval: both arms scored on the same test
-    images, so the interval says whether the gap outlives the choice of images."""
+    """Every pair of arms, in table order (see `paired_auc_differences`)."""
     arms = list(config.arms)
+    pairs = [(arm, other) for i, arm in enumerate(arms) for other in arms[i + 1:]]
+    return paired_auc_differences(
+        task, scored, pairs, multilabel=multilabel,
+        num_resamples=int(config.probe.get("bootstrap_resamples", 1000)), seed=int(config.seed))
+
+
+def paired_auc_differences(task: str, scored: dict, pairs, *, multilabel: bool,
+                           num_resamples: int, seed: int) -> list[dict]:
+    """Probe test macro-AUC of arm A minus arm B for each (A, B) in `pairs`, with a
+    paired bootstrap 95% interval: both arms scored on the same test images, so the
+    interval says whether the gap outlives the choice of images."""
     rows = []
-    for i, arm in enumerate(arms):
-        for other in arms[i + 1:]:
-            try:
-                diff = bootstrap.paired_difference(
-                    scored[arm].labels, scored[arm].scores, scored[other].scores,
-                    multilabel=multilabel,
-                    num_resamples=int(config.probe.get("bootstrap_resamples", 1000)),
-                    seed=int(config.seed))
-            except bootstrap.UndefinedMetricError as err:  # a tiny test split
-                log.warning("Experiment: probe %s, %s minus %s: %s", task, arm, other, err)
-                diff = bootstrap.Difference(math.nan, math.nan, math.nan, 0.95, 0)
-            log.info("Experiment: probe %s, %s AUC minus %s AUC: %s", task, arm, other, diff)
-            rows.append({"task": task, "arm": arm, "minus": other,
-                         "probe_auc_macro_difference": diff.estimate,
-                         "ci95_low": diff.low, "ci95_high": diff.high})
+    for arm, other in pairs:
+        try:
+            diff = bootstrap.paired_difference(
+                scored[arm].labels, scored[arm].scores, scored[other].scores,
+                multilabel=multilabel, num_resamples=num_resamples, seed=seed)
+        except bootstrap.UndefinedMetricError as err:  # a tiny test split
+            log.warning("Experiment: probe %s, %s minus %s: %s", task, arm, other, err)
+            diff = bootstrap.Difference(math.nan, math.nan, math.nan, 0.95, 0)
+        log.info("Experiment: probe %s, %s AUC minus %s AUC: %s", task, arm, other, diff)
+        rows.append({"task": task, "arm": arm, "minus": other,
+                     "probe_auc_macro_difference": diff.estimate,
+                     "ci95_low": diff.low, "ci95_high": diff.high})
     return rows
 
 
