@@ -9,7 +9,8 @@ training", gives the commands for real sites.
 Writes W/server/ (round checkpoints, rounds.jsonl), W/sites/NAME/ (each site's run),
 W/logs/ (superlink.log, supernode_NAME.log, flwr_run.log) and W/flwr_home/ (Flower's
 client configuration, so nothing is written under ~/.flwr). The SuperLink keeps its
-state in memory and installs no dependencies; Flower's telemetry is off. Every
+state in memory and installs no dependencies; Flower's telemetry and update check
+are off. Every
 process is ended by its pid when the run ends, fails or times out. Re-running the
 command resumes: the server from its last complete round, each site from its own
 checkpoint.
@@ -111,6 +112,7 @@ def run(spec: str, workdir: str, timeout: float, sites: list[str] | None = None)
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     processes = []
     try:

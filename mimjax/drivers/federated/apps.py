@@ -21,17 +21,14 @@ import logging
 import os
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 
 from mimjax import run_config
 from mimjax.drivers.federated import server as server_lib
 from mimjax.drivers.federated.site import Site
 from mimjax.run_config import ConfigError
-
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline by default
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import ServerApp  # noqa: E402
 
 log = logging.getLogger(__name__)
 
