@@ -139,7 +139,14 @@ def test_a_deployed_federation_superlink_and_two_supernodes(tmp_path):
     for r in rounds:
         assert set(r) <= {"round", "accepted", "refused", "site_seconds", "site_loss",
                           "distill_seconds", "round_seconds"}
-    # The server's config has no site section and no site data.
+    # The server's config has no site section and no site data: its only data is the
+    # distillation pool, rendered with a seed no site uses.
     server_cfg = run_config.load(f"{TINY},server")
     assert set(server_cfg) == {"driver", "federated", "server"}
-    assert "sites" not in json.dumps(server_cfg.server.to_dict()).replace('"sites": [', "")
+    assert tuple(server_cfg.server.sites) == tuple(names)  # names only
+    flat = json.dumps(server_cfg.to_dict())
+    for name in names:
+        assert str(workdir / "sites" / name) not in flat
+    site_seeds = {int(config.sites[n].data.phantom_seed) for n in names}
+    pool_seeds = {int(p.seed) for p in server_cfg.server.distill.data.pool.values()}
+    assert not site_seeds & pool_seeds
