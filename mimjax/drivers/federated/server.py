@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -55,8 +56,14 @@ def initial_arrays(server_cfg, shared) -> dict[str, np.ndarray]:
     """The global encoder the first round starts from: `server.init` (a mimjax
     workdir or checkpoint) or a fresh initialisation of `server.model` with
     `server.seed`; as named float32 arrays of the shared part."""
-    spec = ModelSpec.from_config(server_cfg.model)
-    params = spec.init_params(server_cfg.model, jax.random.PRNGKey(int(server_cfg.seed)))
+    model_cfg = server_cfg.model
+    if "num_teachers" in model_cfg:  # the distiller: its encoder is all that is needed, and
+        # building it with every teacher costs time quadratic in its size (flax traces each
+        # variable's sharding), so one teacher; the encoder's initialisation is the same.
+        model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        model_cfg.num_teachers = 1
+    spec = ModelSpec.from_config(model_cfg)
+    params = spec.init_params(model_cfg, jax.random.PRNGKey(int(server_cfg.seed)))
     init = server_cfg.get("init", None)
     if init:
         params, _ = pretrained_lib.init_from_checkpoint(params, init)

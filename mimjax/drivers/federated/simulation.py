@@ -50,7 +50,10 @@ def check_federation(config) -> None:
     if config.federated.strategy == "universal":
         sections.append(("server.distill", config.server.distill))
     common.check_sections(sections)
-    for name, section in sections:  # every model builds (abstractly) before anything trains
+    # Every site's model builds (abstractly) before anything trains. (The server's
+    # distiller is the sites' encoder several times over; its build is the server's
+    # first step.)
+    for name, section in sections[:len(names)]:
         try:
             ModelSpec.from_config(section.model)
         except ConfigError as error:
