@@ -117,6 +117,19 @@ class RoundCheckpoints:
         self._manager.close()
 
 
+def finished_arrays(workdir: str, rounds: int) -> dict[str, np.ndarray] | None:
+    """The global parameters of a server workdir that has completed `rounds` rounds
+    (None if it has not, or holds none)."""
+    if not os.path.isdir(os.path.join(workdir, "rounds")):
+        return None
+    checkpoints = RoundCheckpoints(workdir)
+    try:
+        done = checkpoints.latest_round()
+        return checkpoints.restore(done)[0] if done >= rounds else None
+    finally:
+        checkpoints.close()
+
+
 def optimizer_state(strategy) -> dict[str, dict[str, np.ndarray]]:
     """The server optimizer's moments (FedAdam's m_t, v_t), wherever the strategy
     wraps it (Flower's DP wrappers keep the inner one as `.strategy`)."""

@@ -19,6 +19,7 @@ import os
 import ml_collections
 
 from mimjax.drivers import common
+from mimjax.drivers.federated import server as server_lib
 from mimjax.models.spec import ModelSpec
 from mimjax.run_config import ConfigError
 
@@ -75,6 +76,10 @@ def run_federation(config, workdir: str):
     names = sorted(config.sites)
     sites = {n: (n, site_config(config, n), os.path.join(workdir, "sites", n)) for n in names}
     server_workdir = os.path.join(workdir, "server")
+    finished = server_lib.finished_arrays(server_workdir, int(config.federated.rounds))
+    if finished is not None:  # nothing to run: Flower is not started at all
+        log.info("Federation in %s: all %d rounds are done.", workdir, config.federated.rounds)
+        return finished
     result = {}
 
     server_app = apps.ServerApp()
