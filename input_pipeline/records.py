@@ -191,6 +191,16 @@ def decode_record_with_extras(
     return image, meta, arrays
 
 
+def write_completion_marker(marker: str, info: dict) -> None:
+    """Writes a folder's completion marker (JSON) atomically: a temporary file renamed
+    over `marker`, so a reader never sees it half-written. Written last, after the
+    shards it vouches for."""
+    tmp = f"{marker}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, marker)
+
+
 def shard_path(out_dir: str, name: str, index: int, count: int) -> str:
     return os.path.join(out_dir, f"{name}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}")
 

@@ -99,10 +99,7 @@ def ensure_rendered_dataset(
         "num_shards": num_shards,
         "shards": [os.path.basename(p) for p in paths],
     }
-    tmp = f"{marker}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, marker)
+    records.write_completion_marker(marker, info)
     return paths
 
 

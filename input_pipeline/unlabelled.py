@@ -222,10 +222,7 @@ def _write_pool(
         "label_free_meta_keys": sorted(LABEL_FREE_META_KEYS),
         "shards": [os.path.basename(p) for p in paths],
     }
-    tmp = f"{marker}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, marker)
+    records.write_completion_marker(marker, info)
     return paths
 
 

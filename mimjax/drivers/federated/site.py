@@ -28,6 +28,7 @@ import numpy as np
 
 from mimjax import train
 from mimjax.drivers.federated import parameters
+from mimjax.models import param_tree
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,11 @@ class Site:
                      "loss": loss, "train-seconds": seconds, "steps": float(steps)})
 
     def _check_global(self, arrays) -> None:
-        """The server's parameters must be exactly the site's shared part."""
-        expected = parameters.spec_of(self.shared_params())
+        """The server's parameters must be exactly the site's shared part (its shapes,
+        from the run's abstract state: no parameters leave the devices for this)."""
+        flat = param_tree.flatten_leaves(self.run.abstract_state.params)
+        expected = {name: tuple(leaf.shape) for name, leaf in flat.items()
+                    if name.split("/", 1)[0] in self.shared}
         parameters.check_update(arrays, expected, site="the server")
 
     def close(self) -> None:
