@@ -115,7 +115,16 @@ def test_a_deployed_federation_superlink_and_two_supernodes(tmp_path):
         with open(workdir / "sites" / name / "metrics.jsonl") as f:
             steps = [json.loads(line)["step"] for line in f]
         assert max(steps) == 4
-    # Every process the tool started has ended.
+    # Every process the tool started has ended: the SuperLink, both SuperNodes and
+    # `flwr run`, each with whatever it started in its process group.
+    started = json.loads((logs / "processes.json").read_text())
+    assert sorted(p["command"] for p in started) == [
+        "flower-superlink", "flower-supernode", "flower-supernode", "flwr"]
+    groups = {p["pgid"] for p in started}
+    table = subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
+    alive = [line for line in table.stdout.splitlines()
+             if int(line.split()[0]) in groups and not line.split()[1].startswith("Z")]
+    assert alive == [], alive  # (exited children an init-less container has not reaped: Z)
     leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", leftover.stdout
 

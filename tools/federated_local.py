@@ -7,7 +7,7 @@ training", gives the commands for real sites.
     python tools/federated_local.py --config configs/federated_demo.py --workdir W
 
 Writes W/server/ (round checkpoints, rounds.jsonl), W/sites/NAME/ (each site's run),
-W/logs/ (superlink.log, supernode_NAME.log, flwr_run.log) and W/flwr_home/ (Flower's
+W/logs/ (superlink.log, supernode_NAME.log, flwr_run.log, processes.json) and W/flwr_home/ (Flower's
 client configuration, so nothing is written under ~/.flwr). The SuperLink keeps its
 state in memory and installs no dependencies; Flower's telemetry and update check
 are off. Every
@@ -145,6 +145,10 @@ def run(spec: str, workdir: str, timeout: float, sites: list[str] | None = None)
         return code
     finally:
         stop(processes)
+        # What was started, by process group (each process leads its own), so a caller
+        # can check that nothing is left.
+        (logs / "processes.json").write_text(json.dumps(
+            [{"pgid": p.pid, "command": os.path.basename(str(p.args[0]))} for p in processes]))
 
 
 def main(argv=None) -> int:
